@@ -1,0 +1,204 @@
+"""Portable PyTorch implementation of the Parallax op: forward and backward, bounded memory.
+
+This is the implementation every device gets unless a faster kernel is registered for it (the
+Triton kernels register themselves for CUDA). It streams over *query* chunks: at most
+``chunk x Lk`` scores per (batch, head) are alive at once, never ``Lq x Lk`` (SPEC section 3
+computed chunk-wise; SPEC section 4 written out). All statistics and accumulators are fp32 whatever
+the input dtype (fp32, fp16, bf16).
+
+Saved for backward (SPEC section 4): ``out``, ``mu_v`` (= O1/d1) in the input dtype, and per row
+``lse = m + log(d1)`` and ``c = d2/d1`` in fp32. ``lse = +inf`` marks a row with no allowed key,
+so that ``exp(l - lse) = 0`` there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Upper bound on the bytes of one fp32 ``[B, Hq, chunk, Lk]`` score block. The forward keeps about
+# five such blocks alive and the backward about eight, so peak extra memory stays a small multiple.
+SCORE_BLOCK_BYTES = 32 * 2**20
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(batch: int, heads: int, lk: int) -> int:
+    return max(1, SCORE_BLOCK_BYTES // max(1, 4 * batch * heads * lk))
+
+
+def _grouped(x: Tensor, hkv: int) -> Tensor:
+    """``[B, Hq, L, D] -> [B, Hkv, G, L, D]`` (query head ``h`` belongs to KV head ``h // G``)."""
+    b, hq, l, d = x.shape
+    return x.reshape(b, hkv, hq // hkv, l, d)
+
+
+def _mask_block(attn_mask: Tensor | None, hkv: int, hq: int, i0: int, i1: int) -> Tensor | None:
+    """Rows ``[i0, i1)`` of a mask broadcastable to ``[B, Hq, Lq, Lk]``, as ``[B|1, Hkv|1, G|1, C|1, Lk|1]``."""
+    if attn_mask is None:
+        return None
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.shape[2] != 1:
+        m = m[:, :, i0:i1]
+    if m.shape[1] == 1:
+        return m.unsqueeze(1)
+    return m.reshape(m.shape[0], hkv, hq // hkv, *m.shape[2:])
+
+
+def _logits_block(qc, k, mask, *, scale, causal, window_size, i0, lq, lk):
+    """Scaled, masked fp32 logits of query rows ``[i0, i0 + C)``: ``[B, Hkv, G, C, Lk]``."""
+    logits = torch.matmul(qc, k.unsqueeze(2).transpose(-1, -2)) * scale
+    if mask is not None and mask.dtype != torch.bool:
+        logits = logits + mask.to(logits.dtype)
+    keep = None
+    if causal or window_size is not None:
+        i = torch.arange(i0, i0 + qc.shape[-2], device=qc.device)[:, None] + (lk - lq)
+        j = torch.arange(lk, device=qc.device)[None, :]
+        keep = torch.ones(i.shape[0], lk, dtype=torch.bool, device=qc.device)
+        if causal:
+            keep = keep & (j <= i)
+        if window_size is not None:
+            keep = keep & (j > i - window_size)
+            if not causal:
+                keep = keep & (j < i + window_size)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    if keep is not None:
+        logits = logits.masked_fill(~keep, -math.inf)
+    return logits
+
+
+def parallax_fwd(
+    q: Tensor,
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    causal: bool,
+    window_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward. Returns ``(out, mu_v, lse, c)``: ``[B, Hq, Lq, Dv]`` twice in ``q``'s dtype, then
+    ``[B, Hq, Lq]`` twice in fp32."""
+    b, hq, lq, _ = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    acc = acc_dtype(q.dtype)
+    kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # [B, Hkv, 1, Lk, D]
+    qg, rg = _grouped(q, hkv), _grouped(r, hkv)
+    out = q.new_empty(b, hq, lq, dv)
+    mu_v = q.new_empty(b, hq, lq, dv)
+    lse = q.new_empty(b, hq, lq, dtype=acc)
+    c_out = q.new_empty(b, hq, lq, dtype=acc)
+    og, mg = _grouped(out, hkv), _grouped(mu_v, hkv)
+    lse_g, c_g = lse.view(b, hkv, hq // hkv, lq), c_out.view(b, hkv, hq // hkv, lq)
+    step = _chunk_rows(b, hq, lk)
+    for i0 in range(0, lq, step):
+        i1 = min(lq, i0 + step)
+        qc, rc = qg[..., i0:i1, :].to(acc), rg[..., i0:i1, :].to(acc)
+        logits = _logits_block(
+            qc, kf.squeeze(2), _mask_block(attn_mask, hkv, hq, i0, i1),
+            scale=scale, causal=causal, window_size=window_size, i0=i0, lq=lq, lk=lk,
+        )
+        m = logits.amax(-1, keepdim=True)
+        empty = m == -math.inf
+        p = torch.exp(logits - torch.where(empty, torch.zeros_like(m), m))
+        del logits
+        g = torch.matmul(rc, kf.transpose(-1, -2))
+        pg = p * g
+        del g
+        d1 = p.sum(-1, keepdim=True)
+        d2 = pg.sum(-1, keepdim=True)
+        o1 = torch.matmul(p, vf)
+        del p
+        o2 = torch.matmul(pg, vf)
+        del pg
+        inv = torch.where(empty, torch.zeros_like(d1), 1.0 / torch.where(empty, torch.ones_like(d1), d1))
+        mu = o1 * inv
+        c = d2 * inv
+        og[..., i0:i1, :] = mu * (1 + c) - o2 * inv
+        mg[..., i0:i1, :] = mu
+        lse_g[..., i0:i1] = torch.where(empty, math.inf, m + torch.log(d1)).squeeze(-1)
+        c_g[..., i0:i1] = c.squeeze(-1)
+    return out, mu_v, lse, c_out
+
+
+def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a ``[B, Hq, C, Lk]`` gradient block down to a broadcastable mask ``shape`` (its row
+    dim is kept at ``C`` unless the mask broadcasts over rows)."""
+    lead = grad.dim() - len(shape)
+    grad = grad.sum(dim=tuple(range(lead))) if lead else grad
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def parallax_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    mu_v: Tensor,
+    lse: Tensor,
+    c: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    causal: bool,
+    window_size: int | None,
+    mask_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Backward of SPEC section 4. Returns ``(dq, dr, dk, dv, d_mask)``; ``d_mask`` (the gradient
+    of an additive mask, shaped like it) only when ``mask_needs_grad``."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    acc = acc_dtype(q.dtype)
+    kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
+    qg, rg = _grouped(q, hkv), _grouped(r, hkv)
+    dog, og, mug = _grouped(grad_out, hkv), _grouped(out, hkv), _grouped(mu_v, hkv)
+    lse_g, c_g = lse.view(b, hkv, hq // hkv, lq, 1), c.view(b, hkv, hq // hkv, lq, 1)
+    dq, dr = torch.empty_like(q), torch.empty_like(r)
+    dqg, drg = _grouped(dq, hkv), _grouped(dr, hkv)
+    dk_acc = torch.zeros(b, hkv, lk, d, dtype=acc, device=q.device)
+    dv_acc = torch.zeros(b, hkv, lk, v.shape[-1], dtype=acc, device=q.device)
+    d_mask_rows = []
+    step = _chunk_rows(b, hq, lk)
+    for i0 in range(0, lq, step):
+        i1 = min(lq, i0 + step)
+        qc, rc = qg[..., i0:i1, :].to(acc), rg[..., i0:i1, :].to(acc)
+        do, o, mu = (x[..., i0:i1, :].to(acc) for x in (dog, og, mug))
+        cc = c_g[..., i0:i1, :]
+        logits = _logits_block(
+            qc, kf.squeeze(2), _mask_block(attn_mask, hkv, hq, i0, i1),
+            scale=scale, causal=causal, window_size=window_size, i0=i0, lq=lq, lk=lk,
+        )
+        s = torch.exp(logits - lse_g[..., i0:i1, :])
+        del logits
+        g = torch.matmul(rc, kf.transpose(-1, -2))
+        a = s * (1 + cc - g)
+        dv_acc += torch.matmul(a.transpose(-1, -2), do).sum(2)
+        del a
+        da = torch.matmul(do, vf.transpose(-1, -2))
+        dc = (do * mu).sum(-1, keepdim=True)
+        dr_row = (do * o).sum(-1, keepdim=True) + cc * dc
+        dp = da * (1 + cc - g) + dc * g
+        del g
+        ds = s * (dp - dr_row)
+        del dp
+        dg = s * (dc - da)
+        del s, da
+        dqg[..., i0:i1, :] = (torch.matmul(ds, kf) * scale).to(dq.dtype)
+        drg[..., i0:i1, :] = torch.matmul(dg, kf).to(dr.dtype)
+        dk_acc += (torch.matmul(ds.transpose(-1, -2), qc) * scale + torch.matmul(dg.transpose(-1, -2), rc)).sum(2)
+        if mask_needs_grad:
+            d_mask_rows.append(_reduce_to(ds.reshape(b, hq, i1 - i0, lk), attn_mask.shape))
+    d_mask = None
+    if mask_needs_grad:
+        rows_broadcast = attn_mask.dim() < 2 or attn_mask.shape[-2] == 1
+        d_mask = sum(d_mask_rows) if rows_broadcast else torch.cat(d_mask_rows, dim=-2)
+        d_mask = d_mask.to(attn_mask.dtype)
+    return dq, dr, dk_acc.to(k.dtype), dv_acc.to(v.dtype), d_mask
