@@ -1,0 +1,213 @@
+"""The pipeline: capture -> match -> rewrite -> verify.
+
+``find_attention`` and ``convert`` run the same pipeline; ``find_attention`` returns the report
+(every site, rewritten or skipped with its reason), ``convert`` the rewritten, trainable module.
+A site is kept rewritten only when, at ``W_R = 0``, its own output and the model's outputs are
+unchanged on the example inputs and the probe's gradient is finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from .passes.capture import Capture, capture, record
+from .passes.match import Skip, find_sites
+from .passes.query_chain import find_query_chain, locate_query_block
+from .passes.rewrite import probe_path, rewrite_site
+from .passes.site import AttentionSite
+
+__all__ = ["find_attention", "convert", "ConversionInfo", "relative_error", "TOLERANCE"]
+
+# Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass
+class ConversionInfo:
+    """What a conversion did; attached to the converted module as ``module.meta["parallax"]``."""
+
+    sites: list[AttentionSite]
+    dynamic: bool
+    note: str
+    max_output_error: float | None = None
+    example_args: tuple = field(default=(), repr=False)
+    example_kwargs: dict = field(default_factory=dict, repr=False)
+    dynamic_shapes: Any = field(default=None, repr=False)
+
+    @property
+    def rewritten(self) -> list[AttentionSite]:
+        return [s for s in self.sites if s.rewritable]
+
+    @property
+    def skipped(self) -> list[AttentionSite]:
+        return [s for s in self.sites if not s.rewritable]
+
+
+def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:
+    """``max |new - ref| / max |ref|`` over the positions where ``ref`` is finite (and ``valid``);
+    ``inf`` when ``new`` is not finite where ``ref`` is."""
+    new, ref = new.detach().double(), ref.detach().double()
+    if valid is not None and ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(valid.shape):
+        new, ref = new[valid], ref[valid]
+    keep = torch.isfinite(ref)
+    if not bool(torch.isfinite(new[keep]).all()):
+        return math.inf
+    if keep.sum() == 0:
+        return 0.0
+    diff = (new[keep] - ref[keep]).abs().max().item()
+    scale = ref[keep].abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _tol(t: torch.Tensor) -> float:
+    return TOLERANCE.get(t.dtype, 1e-5)
+
+
+def _outputs_error(new, ref, valid) -> tuple[float, bool]:
+    worst, ok = 0.0, True
+    for a, b in zip(pytree.tree_leaves(new), pytree.tree_leaves(ref)):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            err = relative_error(a, b, valid)
+            worst = max(worst, err)
+            ok = ok and err <= _tol(b)
+    return worst, ok
+
+
+def _prepare(cap: Capture) -> tuple[list[AttentionSite], dict, Any]:
+    sites = find_sites(cap.gm)
+    chains, wanted = {}, set()
+    for site in sites:
+        if not site.rewritable and site.reason:
+            continue
+        try:
+            chain = find_query_chain(cap.gm, site.nodes["q"])
+        except Skip as why:
+            site.skip(str(why))
+            continue
+        site.query_chain = chain.description
+        chains[id(site)] = chain
+        wanted |= chain.marker_inputs()
+    ref_out, values = record(cap, cap.gm, wanted)
+    for site in sites:
+        chain = chains.get(id(site))
+        if chain is None:
+            continue
+        try:
+            locate_query_block(chain, values)
+        except Skip as why:
+            site.skip(str(why))
+            chains.pop(id(site))
+    return sites, chains, ref_out
+
+
+def _revert(gm: fx.GraphModule, site: AttentionSite, new: dict, path: str, reason: str) -> None:
+    new["out"].replace_all_uses_with(site.nodes["out"])
+    gm.graph.eliminate_dead_code()
+    gm.delete_submodule(path)
+    site.probe = None
+    site.skip(reason)
+
+
+def _run(model, example_inputs, *, dynamic_dims=None, valid_positions=None, dynamic=True):
+    cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=dynamic)
+    sites, chains, ref_out = _prepare(cap)
+    gm, taken, added = cap.gm, set(), {}
+    for site in sites:
+        chain = chains.get(id(site))
+        if chain is None:
+            continue
+        path = probe_path(gm, site.module_path, taken)
+        added[id(site)] = (rewrite_site(gm, site, chain, path), path)
+        site.probe = f"{path}.weight"
+    gm.recompile()
+    # 1. Each site on its own: the op's output vs the original attention on the same inputs; r == 0.
+    wanted = {n for new, _ in added.values() for n in (new["out"], new["r"])}
+    wanted |= {s.nodes["out"] for s in sites if id(s) in added}
+    _, values = record(cap, gm, wanted)
+    for site in sites:
+        if id(site) not in added:
+            continue
+        new, path = added[id(site)]
+        ref = values[site.nodes["out"]]
+        err = relative_error(values[new["out"]], ref)
+        site.max_error = err
+        if not bool((values[new["r"]] == 0).all()):
+            _revert(gm, site, new, path, "the replayed query chain does not map W_R = 0 to r = 0 "
+                    "(e.g. a per-head norm with a bias)")
+        elif err > _tol(ref):
+            _revert(gm, site, new, path, f"the Parallax op at W_R = 0 differs from the original "
+                    f"attention by {err:.2e} (relative), above {_tol(ref):.0e}")
+        else:
+            site.rewritable, site.reason = True, None
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    # 2. The whole model, with gradients: outputs unchanged and finite probe gradients.
+    worst = _check_model(cap, gm, sites, added, ref_out, valid_positions)
+    info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
+                          example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes)
+    gm.meta["parallax"] = info
+    return gm, info
+
+
+def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
+    live = [s for s in sites if s.rewritable]
+    if not live:
+        return 0.0
+    probes = {id(s): gm.get_parameter(s.probe) for s in live}
+    out = cap.run(gm)
+    worst, ok = _outputs_error(out, ref_out, valid_positions)
+    floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()
+              and t.requires_grad]
+    bad_grad = set()
+    if floats:
+        gen = torch.Generator().manual_seed(0)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in floats)
+        grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
+        for s, g in zip(live, grads):
+            if g is None or not bool(torch.isfinite(g).all()):
+                bad_grad.add(id(s))
+    for s in live:
+        if id(s) in bad_grad:
+            new, path = added[id(s)]
+            _revert(gm, s, new, path, "the probe's gradient is not finite at W_R = 0 "
+                    "(e.g. a per-head norm without eps)")
+    if not ok:
+        for s in live:
+            if s.rewritable:
+                new, path = added[id(s)]
+                _revert(gm, s, new, path, f"the model's outputs changed by {worst:.2e} after rewriting")
+    if bad_grad or not ok:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        worst, _ = _outputs_error(cap.run(gm), ref_out, valid_positions)
+    return worst
+
+
+def find_attention(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_positions=None) -> list[AttentionSite]:
+    """Every attention site of ``model`` (as ``torch.export`` sees it on ``example_inputs``), each
+    marked ``rewritable`` or with the ``reason`` it would be skipped. The model is not changed.
+
+    ``example_inputs``: a Tensor, a tuple of positional inputs, a dict of keyword inputs, or
+    ``(args, kwargs)``. Raises ``RuntimeError`` if the model cannot be exported.
+    """
+    _, info = _run(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
+    return info.sites
+
+
+def convert(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_positions=None) -> fx.GraphModule:
+    """Rewrite every provably equivalent attention site of ``model`` into Parallax form.
+
+    Returns a trainable ``torch.fx.GraphModule`` called like ``model`` (same inputs and output
+    structure; batch and sequence dims dynamic where the model allows). Each rewritten site gains a
+    zero-initialised probe ``<owning module>.r_proj.weight`` (in ``named_parameters()`` and
+    ``state_dict()``); every other parameter keeps its name. ``module.meta["parallax"]`` is a
+    :class:`ConversionInfo` with the per-site report. The original model is not modified.
+    """
+    gm, _ = _run(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
+    return gm

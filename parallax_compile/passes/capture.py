@@ -1,0 +1,140 @@
+"""Capture: ``torch.export`` a model into a rewritable ATen graph (training IR, no decompositions).
+
+``scaled_dot_product_attention`` stays one node, hand-written attention is a short
+matmul/scale/mask/softmax/matmul chain, and every node carries ``nn_module_stack`` (the owning
+module path) and ``val`` (a fake tensor with shapes). Batch and sequence dims are exported as
+dynamic (``Dim.AUTO``) where the model allows it; a model that specialises them (for example
+``is_causal=L > 1`` on a dynamic ``L``) falls back to static shapes and the report says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+
+@dataclass
+class Capture:
+    """A captured model: the unlifted ``GraphModule`` and the example inputs it was traced with."""
+
+    gm: fx.GraphModule
+    args: tuple
+    kwargs: dict[str, Any]
+    dynamic: bool
+    note: str = ""
+    dynamic_shapes: Any = field(default=None, repr=False)
+
+    def run(self, gm: fx.GraphModule | None = None):
+        return (gm or self.gm)(*self.args, **self.kwargs)
+
+    def flat_inputs(self) -> list:
+        return pytree.tree_leaves((self.args, self.kwargs))
+
+
+def _split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise TypeError(
+        "example_inputs must be a Tensor, a tuple of positional inputs, a dict of keyword inputs, "
+        f"or (args, kwargs); got {type(example_inputs).__name__}"
+    )
+
+
+def _dynamic_shapes(model, args, kwargs, dynamic_dims):
+    """``Dim.AUTO`` for the named dims (default: dims 0 and 1 of every tensor input of rank >= 2),
+    keyed by the names of ``model.forward``'s parameters."""
+
+    def spec(name, value):
+        if not isinstance(value, torch.Tensor):
+            return None
+        dims = dynamic_dims.get(name) if dynamic_dims is not None else None
+        if dims is None:
+            dims = range(min(2, value.dim())) if dynamic_dims is None and value.dim() >= 2 else ()
+        return {int(d): torch.export.Dim.AUTO for d in dims} or None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    shapes = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(k, v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(j, v) for j, v in enumerate(value))
+        else:
+            shapes[name] = spec(name if name in kwargs else i, value)
+    return shapes
+
+
+def _strip_asserts(gm: fx.GraphModule) -> None:
+    """Drop ``_assert_tensor_metadata`` nodes: they pin tensors a rewrite makes dead."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynamic: bool = True) -> Capture:
+    """Export ``model`` on ``example_inputs`` and return the unlifted, guard-free graph.
+
+    ``example_inputs``: a Tensor, a tuple of positional inputs, a dict of keyword inputs or
+    ``(args, kwargs)``. ``dynamic_dims``: ``{input name or position: {dim: label}}``; default
+    marks dims 0 and 1 (batch, sequence) of every tensor input dynamic.
+    Raises ``RuntimeError`` naming the export error when the model cannot be exported at all.
+    """
+    args, kwargs = _split_inputs(example_inputs)
+    was_training = model.training
+    model.eval()
+    note, ep, shapes = "", None, None
+    try:
+        if dynamic:
+            shapes = _dynamic_shapes(model, args, kwargs, dynamic_dims)
+            try:
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            except Exception as exc:  # noqa: BLE001 - any export failure falls back to static shapes
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                note = f"static shapes (dynamic export failed: {first[:160]})"
+                shapes = None
+        if ep is None:
+            try:
+                ep = torch.export.export(model, args, kwargs, strict=False)
+            except Exception as exc:
+                raise RuntimeError(f"torch.export could not capture the model: {exc}") from exc
+    finally:
+        model.train(was_training)
+    gm = ep.module(check_guards=False)
+    _strip_asserts(gm)
+    return Capture(gm=gm, args=args, kwargs=kwargs, dynamic=shapes is not None, note=note, dynamic_shapes=shapes)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def record(cap: Capture, gm: fx.GraphModule, wanted) -> tuple[Any, dict[fx.Node, Any]]:
+    """Run ``gm`` on the captured inputs; return its (unflattened) output and the values of ``wanted`` nodes."""
+    rec = _Recorder(gm, set(wanted))
+    with torch.no_grad():
+        flat_out = rec.run(*cap.flat_inputs())
+    spec = getattr(gm, "_out_spec", None)
+    out = pytree.tree_unflatten(pytree.tree_leaves(flat_out), spec) if spec is not None else flat_out
+    return out, rec.values

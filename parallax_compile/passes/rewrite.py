@@ -1,0 +1,127 @@
+"""Rewrite: replace one matched site by ``torch.ops.parallax.attention`` with a new probe ``W_R``.
+
+The probe is an ``nn.Linear(in_features, query features, bias=False)`` registered as
+``<owning module>.r_proj`` and initialised to zero, so the rewritten model computes exactly
+what it did before (SPEC section 2: ``r = 0`` gives softmax attention).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from functools import reduce
+
+import torch
+from torch import fx
+
+from .match import shape_of, val
+from .query_chain import QueryChain, replay
+from .site import AttentionSite
+
+aten = torch.ops.aten
+
+
+def _fetch(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def probe_path(gm: fx.GraphModule, owner: str, taken: set[str]) -> str:
+    """``<owner>.r_proj`` (``r_proj_1``... when taken)."""
+    base = f"{owner}.r_proj" if owner else "r_proj"
+    path, i = base, 0
+    while path in taken or _exists(gm, path):
+        i += 1
+        path = f"{base}_{i}"
+    taken.add(path)
+    return path
+
+
+def _exists(gm, path):
+    try:
+        _fetch(gm, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _call(graph, target, *args, **kwargs):
+    return graph.call_function(target, tuple(args), kwargs)
+
+
+def _dim_size(graph, node, dim):
+    size = shape_of(node)[dim]
+    return size if isinstance(size, int) else _call(graph, aten.sym_size.int, node, dim % len(shape_of(node)))
+
+
+def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> fx.Node | None:
+    """Emit the mask the op receives: boolean when every term is boolean, additive otherwise
+    (``where(keep, sum of additive terms, -inf)`` when both kinds are present)."""
+    keeps, adds = [], []
+    rank = site.nodes["rank"]
+    for t in site.mask_terms:
+        node = t.node
+        if node == "causal_top_left":
+            lq, lk = _dim_size(graph, q, -2), _dim_size(graph, k, -2)
+            ones = _call(graph, aten.ones.default, [lq, lk], dtype=torch.bool, device=val(q).device)
+            keeps.append(_call(graph, aten.tril.default, ones))
+            continue
+        if rank == 3 and len(shape_of(node) or ()) == 3:
+            node = _call(graph, aten.unsqueeze.default, node, 0)
+        if t.kind == "keep":
+            keeps.append(node)
+        elif t.kind == "drop":
+            keeps.append(_call(graph, aten.logical_not.default, node))
+        else:
+            is_bool = val(t.node) is not None and val(t.node).dtype == torch.bool
+            if is_bool and t.negate:
+                node = _call(graph, aten.logical_not.default, node)
+            if is_bool or t.coef != 1.0:
+                node = _call(graph, aten.mul.Tensor, node, t.coef)
+            adds.append(node)
+    keep = reduce(lambda a, b: _call(graph, aten.logical_and.default, a, b), keeps) if keeps else None
+    add = reduce(lambda a, b: _call(graph, aten.add.Tensor, a, b), adds) if adds else None
+    if keep is not None and add is not None:
+        return _call(graph, aten.where.ScalarOther, keep, add, -math.inf)
+    return keep if keep is not None else add
+
+
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, path: str) -> dict[str, fx.Node]:
+    """Insert the probe, the replayed chain and the op before the site's output; reroute its users.
+    Returns the new nodes (``r``, ``out``) so the caller can verify them."""
+    graph = gm.graph
+    out = site.nodes["out"]
+    w_q = _fetch(gm, chain.weight)
+    probe = torch.nn.Linear(chain.in_features, chain.out_features, bias=False, device=w_q.device, dtype=w_q.dtype)
+    torch.nn.init.zeros_(probe.weight)
+    gm.add_submodule(path, probe)
+    with graph.inserting_before(out):
+        w = graph.get_attr(f"{path}.weight")
+        r = _call(graph, aten.linear.default, chain.x, w)
+        if chain.out_features != chain.fused_width:
+            pad = [chain.offset, chain.fused_width - chain.offset - chain.out_features]
+            r = _call(graph, aten.constant_pad_nd.default, r, pad)
+        r = replay(gm, chain, r)
+        q, k, v = site.nodes["q"], site.nodes["k"], site.nodes["v"]
+        if site.nodes["k_transposed"]:
+            k = _call(graph, aten.transpose.int, k, -2, -1)
+        dtype = val(q).dtype
+        k_in, v_in = k, v
+        if val(k_in) is not None and val(k_in).dtype != dtype:
+            k = _call(graph, aten.to.dtype, k, dtype)
+        if val(v_in) is not None and val(v_in).dtype != dtype:
+            v = _call(graph, aten.to.dtype, v, dtype)
+        mask = build_mask(graph, site, q, k_in)
+        if site.nodes["rank"] == 3:
+            q, r, k, v = (_call(graph, aten.unsqueeze.default, t, 0) for t in (q, r, k, v))
+        op = _call(graph, torch.ops.parallax.attention.default, q, r, k, v, mask, site.scale, site.causal, None)
+        o = _call(graph, operator.getitem, op, 0)
+        if site.nodes["rank"] == 3:
+            o = _call(graph, aten.squeeze.dim, o, 0)
+        out_dtype = val(out).dtype if val(out) is not None else dtype
+        if out_dtype != dtype:
+            o = _call(graph, aten.to.dtype, o, out_dtype)
+    out.replace_all_uses_with(o)
+    return {"r": r, "out": o}
