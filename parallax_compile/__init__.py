@@ -1,6 +1,23 @@
-"""parallax-compile: find the attention in a PyTorch model and rewrite it into Parallax form."""
+"""parallax-compile: find the attention in a PyTorch model and rewrite it into Parallax form.
 
-from .op import parallax_attention
+Pipeline (one package per step): ``passes.capture`` -> ``passes.match`` -> ``passes.rewrite``
+(with ``passes.query_chain``) -> verify (``convert``), then ``saving`` / the exporters.
+"""
 
-__all__ = ["parallax_attention"]
 __version__ = "0.1.0"
+
+from .convert import ConversionInfo, convert, find_attention
+from .op import parallax_attention
+from .passes.site import AttentionSite
+from .saving import load, save, verify
+
+__all__ = [
+    "AttentionSite",
+    "ConversionInfo",
+    "convert",
+    "find_attention",
+    "load",
+    "parallax_attention",
+    "save",
+    "verify",
+]

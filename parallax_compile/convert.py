@@ -36,6 +36,8 @@ class ConversionInfo:
     dynamic: bool
     note: str
     max_output_error: float | None = None
+    reference_outputs: Any = field(default=None, repr=False)
+    """The original model's outputs on the example inputs (what ``verify`` compares against)."""
     example_args: tuple = field(default=(), repr=False)
     example_kwargs: dict = field(default_factory=dict, repr=False)
     dynamic_shapes: Any = field(default=None, repr=False)
@@ -150,7 +152,8 @@ def _run(model, example_inputs, *, dynamic_dims=None, valid_positions=None, dyna
     # 2. The whole model, with gradients: outputs unchanged and finite probe gradients.
     worst = _check_model(cap, gm, sites, added, ref_out, valid_positions)
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
-                          example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes)
+                          example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
+                          reference_outputs=ref_out)
     gm.meta["parallax"] = info
     return gm, info
 
@@ -207,7 +210,9 @@ def convert(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_
     structure; batch and sequence dims dynamic where the model allows). Each rewritten site gains a
     zero-initialised probe ``<owning module>.r_proj.weight`` (in ``named_parameters()`` and
     ``state_dict()``); every other parameter keeps its name. ``module.meta["parallax"]`` is a
-    :class:`ConversionInfo` with the per-site report. The original model is not modified.
+    :class:`ConversionInfo` with the per-site report. The converted module shares its existing
+    parameters with ``model`` (no copy; pass ``copy.deepcopy(model)`` to keep the original apart).
+    It runs the graph captured in eval mode: dropout layers stay inactive in ``.train()``.
     """
     gm, _ = _run(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
     return gm

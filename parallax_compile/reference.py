@@ -141,15 +141,18 @@ def parallax_attention_ref(
 ) -> Tensor:
     """Parallax in covariance form: ``o_i = mu_v_i - C_vk,i r_i`` (SPEC section 2, paper eq. for Parallax).
 
-    ``C_vk,i = sum_j s_ij (v_j - mu_v_i)(k_j - mu_k_i)^T`` is formed explicitly per query
-    (``[B, Hq, Lq, Dv, D]``): an oracle for tiny shapes only. ``r`` is shaped like ``q`` and is
-    **not** multiplied by ``scale``. ``r = 0`` gives :func:`softmax_attention_ref` exactly.
+    ``C_vk,i r_i = sum_j s_ij (v_j - mu_v_i) ((k_j - mu_k_i) . r_i)``: centred keys projected on
+    the probe, centred values, weighted by the softmax. Materialises ``[B, Hq, Lq, Lk]`` (no
+    ``D x D`` matrices), so it also serves as the oracle on real-model shapes. ``r`` is shaped like
+    ``q`` and is **not** multiplied by ``scale``. ``r = 0`` gives :func:`softmax_attention_ref` exactly.
     """
     s, kr, vr, mu_k, mu_v = _moments(
         q, k, v, scale=scale, causal=causal, window_size=window_size, attn_mask=attn_mask
     )
-    c_vk = torch.einsum("bhij,bhje,bhjd->bhied", s, vr, kr) - mu_v[..., :, None] * mu_k[..., None, :]
-    return mu_v - (c_vk @ r[..., None]).squeeze(-1)
+    proj = r @ kr.transpose(-1, -2) - (mu_k * r).sum(-1, keepdim=True)  # (k_j - mu_k_i) . r_i
+    w = s * proj
+    correction = w @ vr - mu_v * w.sum(-1, keepdim=True)  # sum_j s_ij proj_ij (v_j - mu_v_i)
+    return mu_v - correction
 
 
 def effective_weights_ref(

@@ -116,6 +116,9 @@ def _opcheck_cases():
     yield "addmask-grad", _qrkv(6, 1, 2, 2, 5, 5, 8), dict(attn_mask=_mask_add(6, (1, 2, 5, 5)))
     yield "addmask-bcast-grad", _qrkv(7, 2, 2, 2, 5, 5, 8), dict(attn_mask=_mask_add(7, (5,)), causal=True)
     yield "scale-dv", _qrkv(8, 1, 2, 2, 4, 5, 8, dv=6), dict(scale=0.3)
+    yield "fp16-fp32mask", _qrkv(9, 1, 2, 1, 5, 6, 8, torch.float16), dict(attn_mask=_mask_add(9, (5, 6)), causal=True)
+    q, r, k, v = (t.detach().transpose(1, 2).requires_grad_() for t in _qrkv(10, 1, 5, 5, 2, 2, 8, torch.bfloat16))
+    yield "bf16-noncontiguous", [q, r, k, v], dict()
 
 
 OPCHECK_CASES = [pytest.param(*c[1:], id=c[0]) for c in _opcheck_cases()]
@@ -270,6 +273,45 @@ def test_covariance_reference_directly():
     out = parallax_attention(q, r, k, v, causal=True, window_size=6, attn_mask=mask)
     ref = parallax_attention_ref(q, r, k, v, causal=True, window_size=6, attn_mask=mask)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_noncontiguous_and_expanded_inputs():
+    """``[B, L, H, D]`` tensors seen through ``transpose(1, 2)``, MQA keys/values and a padding mask
+    made with ``expand`` (stride 0): the gradients land in the right places."""
+    b, lq, h, d = 2, 9, 4, 8
+    torch.manual_seed(45)
+    q_blhd, r_blhd = (torch.randn(b, lq, h, d, dtype=F64, requires_grad=True) for _ in range(2))
+    k1, v1 = (torch.randn(b, 1, lq, d, dtype=F64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(b, 1, 1, lq, dtype=F64, requires_grad=True)
+
+    def run(fn):
+        q, r = q_blhd.transpose(1, 2), r_blhd.transpose(1, 2)
+        k, v = k1.expand(b, 2, lq, d), v1.expand(b, 2, lq, d)
+        out = fn(q, r, k, v, causal=True, attn_mask=bias.expand(b, h, lq, lq))
+        leaves = (q_blhd, r_blhd, k1, v1, bias)
+        return out, torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    out, grads = run(parallax_attention)
+    ref, ref_grads = run(parallax_attention_ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for a, b_ in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b_, rtol=0, atol=1e-11)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndexError,
+    reason="BUG chunked.parallax_fwd: Lk = 0 (empty KV cache) crashes in logits.amax(-1) with "
+    "'IndexError: amax(): Expected reduction dim -1 to have non-zero size'; every row has no "
+    "allowed key, so SPEC section 3 wants zeros (SDPA returns zeros)",
+)
+def test_empty_keys_give_zeros():
+    q, r, _, _ = _qrkv(46, 1, 2, 2, 5, 0, 8, grad=False)
+    k, v = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(expected, torch.zeros(1, 2, 5, 8))
+    out = parallax_attention(q, r, k, v)
+    assert torch.equal(out, expected)
 
 
 # --- the query-chunk loop ------------------------------------------------------------------------

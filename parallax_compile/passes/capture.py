@@ -84,6 +84,18 @@ def _strip_asserts(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """``ep.module()`` without the guard node, and with ``nn.Module``'s ``train()``/``eval()`` back.
+
+    The graph is the one captured in eval mode either way (dropout stays inactive); the flag only
+    matters to code that reads ``module.training``.
+    """
+    gm = ep.module(check_guards=False)
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+    return gm
+
+
 def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynamic: bool = True) -> Capture:
     """Export ``model`` on ``example_inputs`` and return the unlifted, guard-free graph.
 
@@ -112,7 +124,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
                 raise RuntimeError(f"torch.export could not capture the model: {exc}") from exc
     finally:
         model.train(was_training)
-    gm = ep.module(check_guards=False)
+    gm = unlift(ep)
     _strip_asserts(gm)
     return Capture(gm=gm, args=args, kwargs=kwargs, dynamic=shapes is not None, note=note, dynamic_shapes=shapes)
 

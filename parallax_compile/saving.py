@@ -1,0 +1,182 @@
+"""Save, load and re-verify a converted model.
+
+A saved conversion is a directory:
+
+* ``model.pt2``: the converted program (``torch.export.save``); every Parallax site is one
+  ``parallax.attention`` node, so ``import parallax_compile`` before loading;
+* ``parallax.json``: the report (sites found, rewritten, skipped and why), versions, source;
+* ``reference.safetensors``: the example inputs and the **original** model's outputs on them,
+  so ``verify`` can prove, without the original model, that the saved model at ``W_R = 0`` is
+  still that model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from . import __version__
+from .convert import TOLERANCE, ConversionInfo, relative_error
+from .passes.capture import unlift
+from .reference import parallax_attention_ref
+
+__all__ = ["save", "load", "verify", "VerifyReport"]
+
+FORMAT_VERSION = 1
+MODEL_FILE, REPORT_FILE, REFERENCE_FILE = "model.pt2", "parallax.json", "reference.safetensors"
+# Relative RMS error of the op against the float64 reference (SPEC section 5).
+OP_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _info(module: fx.GraphModule) -> ConversionInfo:
+    info = getattr(module, "meta", {}).get("parallax")
+    if info is None:
+        raise ValueError("save: `module` is not a converted model (no module.meta['parallax']); "
+                         "pass the module returned by parallax_compile.convert")
+    return info
+
+
+def save(module: fx.GraphModule, directory: str | Path, *, source: str | None = None) -> Path:
+    """Write a converted module to ``directory`` (created if needed). Returns the directory."""
+    info = _info(module)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    ep = torch.export.export(module, info.example_args, info.example_kwargs,
+                             dynamic_shapes=info.dynamic_shapes, strict=False)
+    torch.export.save(ep, out / MODEL_FILE)
+    leaves, spec = pytree.tree_flatten((info.example_args, info.example_kwargs))
+    tensors = {f"input.{i}": t.contiguous() for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
+    constants = {str(i): t for i, t in enumerate(leaves) if not isinstance(t, torch.Tensor)}
+    outs = pytree.tree_leaves(info.reference_outputs)
+    tensors |= {f"output.{i}": t.detach().contiguous() for i, t in enumerate(outs) if isinstance(t, torch.Tensor)}
+    save_file(tensors, out / REFERENCE_FILE)
+    report = {
+        "format_version": FORMAT_VERSION,
+        "parallax_compile": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "dynamic_shapes": info.dynamic,
+        "capture_note": info.note,
+        "max_output_error": info.max_output_error,
+        "inputs_spec": pytree.treespec_dumps(spec),
+        "input_constants": constants,
+        "num_outputs": len(outs),
+        "sites": [s.as_dict() for s in info.sites],
+    }
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    return out
+
+
+def _read(directory: Path) -> tuple[dict, tuple, dict, list]:
+    report = json.loads((directory / REPORT_FILE).read_text())
+    tensors = load_file(directory / REFERENCE_FILE)
+    spec = pytree.treespec_loads(report["inputs_spec"])
+    leaves = [tensors.get(f"input.{i}", report["input_constants"].get(str(i))) for i in range(spec.num_leaves)]
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    outputs = [tensors.get(f"output.{i}") for i in range(report["num_outputs"])]
+    return report, args, kwargs, outputs
+
+
+def load(directory: str | Path) -> fx.GraphModule:
+    """Load a converted model saved by :func:`save`. Returns a trainable ``GraphModule`` whose
+    ``meta["parallax"]`` holds the saved report (as a dict)."""
+    directory = Path(directory)
+    for name in (MODEL_FILE, REPORT_FILE, REFERENCE_FILE):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory} is not a saved conversion: {name} is missing")
+    gm = unlift(torch.export.load(directory / MODEL_FILE))
+    gm.meta["parallax_report"] = json.loads((directory / REPORT_FILE).read_text())
+    return gm
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify`."""
+
+    ok: bool
+    op_errors: list[dict] = field(default_factory=list)
+    """Per Parallax node: relative RMS error of the op against the float64 reference."""
+    output_error: float = math.nan
+    """Max relative error of the outputs at ``W_R = 0`` against the original model's outputs."""
+    probe_norms: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+class _OpChecker(fx.Interpreter):
+    """Runs the module; at every Parallax node, also evaluates the float64 reference."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.errors: list[dict] = []
+
+    def call_function(self, target, args, kwargs):
+        out = super().call_function(target, args, kwargs)
+        if target is torch.ops.parallax.attention.default:
+            q, r, k, v, mask, scale, causal, window = (list(args) + [None] * 8)[:8]
+            up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            ref = parallax_attention_ref(up(q), up(r), up(k), up(v), scale=scale, causal=bool(causal),
+                                         window_size=window, attn_mask=up(mask))
+            err = ((out[0].double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            self.errors.append({"node": self.current_node.name if hasattr(self, "current_node") else "",
+                                "dtype": str(q.dtype), "error": err, "tolerance": OP_TOLERANCE[q.dtype]})
+        return out
+
+    def run_node(self, n):
+        self.current_node = n
+        return super().run_node(n)
+
+
+def verify(directory: str | Path) -> VerifyReport:
+    """Re-check a saved conversion, without the original model:
+
+    1. with the saved probes, every Parallax node's output equals the float64 reference
+       (:func:`~parallax_compile.reference.parallax_attention_ref`) within SPEC section 5;
+    2. with every probe set to zero, the outputs equal the original model's saved outputs
+       (fp32: max error <= 1e-5 relative to the output's scale).
+    """
+    directory = Path(directory)
+    gm = load(directory)
+    report, args, kwargs, ref_outputs = _read(directory)
+    result = VerifyReport(ok=True)
+    probes = {n: p for n, p in gm.named_parameters() if ".r_proj" in n or n.startswith("r_proj")}
+    result.probe_norms = {n: p.detach().norm().item() for n, p in probes.items()}
+    checker = _OpChecker(gm)
+    with torch.no_grad():
+        checker.run(*pytree.tree_leaves((args, kwargs)))
+    result.op_errors = checker.errors
+    for e in checker.errors:
+        if not e["error"] <= e["tolerance"]:
+            result.problems.append(f"Parallax node {e['node']}: error {e['error']:.2e} > {e['tolerance']:.0e}")
+    saved = {n: p.detach().clone() for n, p in probes.items()}
+    with torch.no_grad():
+        for p in probes.values():
+            p.zero_()
+        outs = pytree.tree_leaves(gm(*args, **kwargs))
+        for n, p in probes.items():
+            p.copy_(saved[n])
+    worst = 0.0
+    for new, ref in zip(outs, ref_outputs):
+        if isinstance(ref, torch.Tensor) and ref.is_floating_point():
+            err = relative_error(new, ref)
+            worst = max(worst, err)
+            if not err <= TOLERANCE.get(ref.dtype, 1e-5):
+                result.problems.append(f"output differs from the original model at W_R = 0 by {err:.2e}")
+    result.output_error = worst
+    if len(outs) != len(ref_outputs):
+        result.problems.append(f"{len(outs)} outputs, the original model had {len(ref_outputs)}")
+    if not checker.errors:
+        result.problems.append("the saved model contains no Parallax node")
+    result.ok = not result.problems
+    return result
+
