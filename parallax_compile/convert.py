@@ -22,7 +22,7 @@ from .passes.query_chain import find_query_chain, locate_query_block
 from .passes.rewrite import probe_path, rewrite_site
 from .passes.site import AttentionSite
 
-__all__ = ["find_attention", "convert", "ConversionInfo", "relative_error", "TOLERANCE"]
+__all__ = ["find_attention", "convert", "run_conversion", "ConversionInfo", "relative_error", "TOLERANCE"]
 
 # Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -116,7 +116,8 @@ def _revert(gm: fx.GraphModule, site: AttentionSite, new: dict, path: str, reaso
     site.skip(reason)
 
 
-def _run(model, example_inputs, *, dynamic_dims=None, valid_positions=None, dynamic=True):
+def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=None, dynamic=True):
+    """Capture, match, rewrite and verify; returns ``(converted module, ConversionInfo)``."""
     cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=dynamic)
     sites, chains, ref_out = _prepare(cap)
     gm, taken, added = cap.gm, set(), {}
@@ -199,7 +200,7 @@ def find_attention(model: torch.nn.Module, example_inputs, *, dynamic_dims=None,
     ``example_inputs``: a Tensor, a tuple of positional inputs, a dict of keyword inputs, or
     ``(args, kwargs)``. Raises ``RuntimeError`` if the model cannot be exported.
     """
-    _, info = _run(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
+    _, info = run_conversion(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
     return info.sites
 
 
@@ -214,5 +215,5 @@ def convert(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_
     parameters with ``model`` (no copy; pass ``copy.deepcopy(model)`` to keep the original apart).
     It runs the graph captured in eval mode: dropout layers stay inactive in ``.train()``.
     """
-    gm, _ = _run(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
+    gm, _ = run_conversion(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
     return gm

@@ -1,0 +1,175 @@
+"""``parallax-compile``: inspect, convert and verify models from the command line.
+
+MODEL is a built-in example (default ``nanogpt``; see ``parallax-compile models``), a Hugging Face
+model directory, or ``package.module:factory``. A user mistake prints one line and exits 1;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+DEFAULT_MODEL = "nanogpt"
+
+
+def _friendly(fn):
+    """Turn exceptions into one line and exit code 1 (unless --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if ctx.find_root().params.get("debug"):
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(f"{type(exc).__name__}: {msg}") from None
+
+    return wrapper
+
+
+def _load(spec: str, seq_len: int | None, batch_size: int):
+    from .models import load_model
+
+    with err.status(f"Loading {spec} ..."):
+        return load_model(spec, seq_len=seq_len, batch_size=batch_size)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def sites_table(sites, title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in ("#", "module", "form", "heads / kv", "head_dim", "scale", "causal / mask", "gqa", "query chain", "status"):
+        table.add_column(col, overflow="fold")
+    for i, s in enumerate(sites):
+        heads = f"{_fmt(s.num_heads)} / {_fmt(s.num_kv_heads)}"
+        status = f"[green]rewritten[/] ({s.max_error:.1e})" if s.rewritable and s.max_error is not None else (
+            "[green]rewritten[/]" if s.rewritable else f"[yellow]skipped[/]: {s.reason}")
+        table.add_row(str(i), s.module_path or "(root)", s.form, heads, _fmt(s.head_dim), _fmt(s.scale),
+                      s.mask if not s.causal or s.mask != "none" else "causal", s.gqa,
+                      " > ".join(s.query_chain) or "-", status)
+    return table
+
+
+def _summary(info) -> str:
+    n, k = len(info.sites), len(info.rewritten)
+    shapes = "dynamic batch/sequence" if info.dynamic else (info.note or "static shapes")
+    return f"{n} attention site(s) found, {k} rewritten, {n - k} skipped; {shapes}"
+
+
+model_arg = click.argument("model", required=False, default=DEFAULT_MODEL)
+seq_opt = click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per example sequence.")
+batch_opt = click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="parallax-compile")
+def main(debug: bool) -> None:
+    """Find the attention in a PyTorch / Hugging Face model and rewrite it into Parallax attention."""
+
+
+@main.command()
+def models() -> None:
+    """List the built-in MODEL names."""
+    from .models import builtin_names
+
+    for name in builtin_names():
+        console.print(name)
+
+
+@main.command()
+@model_arg
+@seq_opt
+@batch_opt
+@click.option("--json", "as_json", is_flag=True, help="Print the sites as JSON.")
+@_friendly
+def inspect(model: str, seq_len, batch_size, as_json: bool) -> None:
+    """List the attention sites of MODEL and whether each can be rewritten (and why not)."""
+    from .convert import run_conversion
+
+    loaded = _load(model, seq_len, batch_size)
+    with err.status("Capturing with torch.export and matching attention ..."):
+        _, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
+                       valid_positions=loaded.valid_positions)
+    if as_json:
+        import json
+
+        console.print_json(json.dumps([s.as_dict() for s in info.sites], default=str))
+        return
+    console.print(sites_table(info.sites, f"{model}: attention sites"))
+    console.print(_summary(info))
+
+
+@main.command()
+@model_arg
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write the converted model to.")
+@seq_opt
+@batch_opt
+@_friendly
+def convert(model: str, output: Path, seq_len, batch_size) -> None:
+    """Convert MODEL to Parallax attention, verify it and save it to OUTPUT."""
+    from .convert import run_conversion
+    from .saving import save
+
+    loaded = _load(model, seq_len, batch_size)
+    with err.status("Converting (capture, match, rewrite, verify) ..."):
+        gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
+                        valid_positions=loaded.valid_positions)
+    console.print(sites_table(info.sites, f"{model}: conversion"))
+    console.print(_summary(info))
+    if not info.rewritten:
+        raise click.ClickException("no attention site could be rewritten; nothing saved")
+    with err.status(f"Saving to {output} ..."):
+        save(gm, output, source=loaded.spec)
+    console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
+    console.print(f"saved to {output}  (check it with: parallax-compile verify {output})")
+
+
+@main.command()
+@click.argument("converted", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_friendly
+def verify(converted: Path) -> None:
+    """Re-check a saved conversion: the op against the float64 reference, and the outputs at
+    W_R = 0 against the original model's saved outputs."""
+    from .saving import verify as run_verify
+
+    with err.status(f"Verifying {converted} ..."):
+        report = run_verify(converted)
+    table = Table(title=f"{converted}: Parallax nodes vs float64 reference")
+    for col in ("node", "dtype", "rel. RMS error", "tolerance"):
+        table.add_column(col)
+    for e in report.op_errors:
+        table.add_row(e["node"], e["dtype"], f"{e['error']:.2e}", f"{e['tolerance']:.0e}")
+    console.print(table)
+    nonzero = sum(1 for v in report.probe_norms.values() if v > 0)
+    console.print(f"probes: {len(report.probe_norms)} ({nonzero} non-zero); "
+                  f"outputs at W_R = 0 vs original: max relative error {report.output_error:.2e}")
+    if not report.ok:
+        for p in report.problems:
+            err.print(f"[red]FAIL[/]: {p}")
+        sys.exit(1)
+    console.print("[green]OK[/]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

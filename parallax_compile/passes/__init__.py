@@ -1,0 +1,4 @@
+"""Graph passes, in pipeline order: ``capture`` (torch.export) -> ``match`` (the catalogue of
+attention forms, producing :class:`~.site.AttentionSite`) -> ``query_chain`` (from ``x`` to ``q``)
+-> ``rewrite`` (probe ``W_R`` + ``parallax.attention``). ``parallax_compile.convert`` drives them
+and verifies each rewrite numerically."""
