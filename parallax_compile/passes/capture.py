@@ -76,6 +76,12 @@ def _dynamic_shapes(model, args, kwargs, dynamic_dims):
     return shapes
 
 
+def _fresh(args, kwargs):
+    """New tensor objects over the same data: export marks the tensors it traces as dynamic, and
+    those marks would leak into the next attempt."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), (args, kwargs))
+
+
 def _strip_asserts(gm: fx.GraphModule) -> None:
     """Drop ``_assert_tensor_metadata`` nodes: they pin tensors a rewrite makes dead."""
     for node in list(gm.graph.nodes):
@@ -112,16 +118,24 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
         if dynamic:
             shapes = _dynamic_shapes(model, args, kwargs, dynamic_dims)
             try:
-                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+                ep = torch.export.export(model, *_fresh(args, kwargs), dynamic_shapes=shapes, strict=False)
             except Exception as exc:  # noqa: BLE001 - any export failure falls back to static shapes
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 note = f"static shapes (dynamic export failed: {first[:160]})"
                 shapes = None
         if ep is None:
-            try:
-                ep = torch.export.export(model, args, kwargs, strict=False)
-            except Exception as exc:
-                raise RuntimeError(f"torch.export could not capture the model: {exc}") from exc
+            # Static shapes; non-strict first, then Dynamo (strict), which evaluates Python-level
+            # shape logic such as ``is_causal=L > 1`` that non-strict tracing leaves symbolic.
+            errors = []
+            for strict in (False, True):
+                torch._dynamo.reset()  # a failed trace can leave Dynamo state behind
+                try:
+                    ep = torch.export.export(model, *_fresh(args, kwargs), strict=strict)
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"{'strict' if strict else 'non-strict'}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            if ep is None:
+                raise RuntimeError("torch.export could not capture the model (" + "; ".join(errors) + ")")
     finally:
         model.train(was_training)
     gm = unlift(ep)
