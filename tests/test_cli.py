@@ -1,0 +1,106 @@
+"""The command line: inspect / convert / verify on the default model, a Hugging Face model
+directory and a factory; user mistakes are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from parallax_compile.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+def factory():
+    """A factory for ``tests.test_cli:factory``: returns (module, example inputs)."""
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    torch.manual_seed(0)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), {"src": torch.randn(2, 5, 32)}
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="sdpa")
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    return path
+
+
+def test_inspect_default_model():
+    result = _run("inspect")
+    assert result.exit_code == 0, result.output
+    assert "4 attention site(s) found, 4 rewritten" in result.output
+
+
+def test_inspect_json_factory():
+    result = _run("inspect", "tests.test_cli:factory", "--json")
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.output)
+    assert [s["module_path"] for s in sites] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(s["rewritable"] for s in sites)
+
+
+def test_convert_then_verify_default(tmp_path):
+    out = tmp_path / "nanogpt"
+    result = _run("convert", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert (out / "model.pt2").exists() and (out / "parallax.json").exists()
+    result = _run("verify", str(out))
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+
+
+def test_convert_hf_directory(tmp_path, hf_dir):
+    out = tmp_path / "llama"
+    result = _run("convert", str(hf_dir), "-o", str(out), "--seq-len", "12")
+    assert result.exit_code == 0, result.output
+    assert "2 attention site(s) found, 2 rewritten" in result.output
+    report = json.loads((out / "parallax.json").read_text())
+    assert [s["probe"] for s in report["sites"]] == [
+        "model.layers.0.self_attn.r_proj.weight", "model.layers.1.self_attn.r_proj.weight"]
+    assert _run("verify", str(out)).exit_code == 0
+
+
+def test_verify_detects_a_broken_probe(tmp_path):
+    """verify must fail when the saved model no longer is the original at W_R = 0."""
+    import parallax_compile as pc
+
+    out = tmp_path / "m"
+    assert _run("convert", "tests.test_cli:factory", "-o", str(out)).exit_code == 0
+    gm = pc.load(out)
+    with torch.no_grad():
+        gm.get_parameter("layers.0.self_attn.out_proj.weight").mul_(-1.0)  # not a probe: breaks the model
+    ep = torch.export.export(gm, (), {"src": torch.randn(2, 5, 32)}, strict=False)
+    torch.export.save(ep, out / "model.pt2")
+    result = _run("verify", str(out))
+    assert result.exit_code == 1
+    assert "differs from the original" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "no_such_model"], "Error:"),
+        (["inspect", "no.such.module:factory"], "Error:"),
+        (["convert"], "Missing option"),
+        (["verify", "/nonexistent/dir"], "does not exist"),
+    ],
+    ids=["unknown-model", "bad-factory", "missing-output", "missing-dir"],
+)
+def test_user_mistakes_are_one_line(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
