@@ -144,8 +144,9 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, window_size, mask_needs_grad):
-    d_mask = torch.empty_like(attn_mask) if mask_needs_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(r), torch.empty_like(k), torch.empty_like(v), d_mask
+    # Contiguous, like the real implementations (empty_like would copy a transposed input's strides).
+    d_mask = attn_mask.new_empty(attn_mask.shape) if mask_needs_grad else q.new_empty(0)
+    return q.new_empty(q.shape), r.new_empty(r.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_mask
 
 
 def _setup_context(ctx, inputs, output):

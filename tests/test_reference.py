@@ -77,7 +77,9 @@ def test_effective_weights_sum_to_one_and_give_output(kw, lq, lk):
     keep = allowed_keys(lq, lk, causal=kw.get("causal", False), window_size=kw.get("window_size"))
     nonempty = keep.any(-1)
     row_sum = a.sum(-1)
-    torch.testing.assert_close(row_sum[..., nonempty], torch.ones_like(row_sum[..., nonempty]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        row_sum[..., nonempty], torch.ones_like(row_sum[..., nonempty]), rtol=0, atol=1e-12
+    )
     # empty rows (causal with Lq > Lk) are all zero; disallowed keys get weight exactly 0
     assert torch.equal(row_sum[..., ~nonempty], torch.zeros_like(row_sum[..., ~nonempty]))
     assert torch.equal(a.masked_fill(keep, 0), torch.zeros_like(a))
@@ -216,9 +218,7 @@ def test_sliding_window_pattern():
     # W=1 causal: each row sees only its own key, so softmax attention returns v itself
     _, _, k, v = _inputs(9, lq=6, lk=6)
     q = torch.randn(2, 2, 6, 5, dtype=F64)
-    torch.testing.assert_close(
-        softmax_attention_ref(q, k, v, causal=True, window_size=1), v, rtol=0, atol=0
-    )
+    torch.testing.assert_close(softmax_attention_ref(q, k, v, causal=True, window_size=1), v, rtol=0, atol=0)
 
 
 def test_window_reference_uses_pattern():
@@ -241,13 +241,19 @@ def test_fully_masked_row_is_zero():
     assert torch.equal(out[..., 2, :], torch.zeros_like(out[..., 2, :]))
     assert out.isfinite().all()
     assert (out[..., [0, 1, 3, 4], :].abs() > 0).all()
-    assert torch.equal(softmax_attention_ref(q, k, v, attn_mask=keep)[..., 2, :], torch.zeros_like(out[..., 2, :]))
-    assert torch.equal(effective_weights_ref(q, r, k, attn_mask=keep)[..., 2, :], torch.zeros(2, 4, 6, dtype=F64))
+    assert torch.equal(
+        softmax_attention_ref(q, k, v, attn_mask=keep)[..., 2, :], torch.zeros_like(out[..., 2, :])
+    )
+    assert torch.equal(
+        effective_weights_ref(q, r, k, attn_mask=keep)[..., 2, :], torch.zeros(2, 4, 6, dtype=F64)
+    )
     lla = lla_attention_ref(q, k, v, ridge=0.5, attn_mask=keep)
     assert torch.equal(lla[..., 2, :], torch.zeros_like(lla[..., 2, :]))
     # the same through an additive -inf mask and through causal with Lq > Lk
     add = torch.zeros(5, 6, dtype=F64).masked_fill(~keep, -math.inf)
-    assert torch.equal(parallax_attention_ref(q, r, k, v, attn_mask=add)[..., 2, :], torch.zeros_like(out[..., 2, :]))
+    assert torch.equal(
+        parallax_attention_ref(q, r, k, v, attn_mask=add)[..., 2, :], torch.zeros_like(out[..., 2, :])
+    )
     out = parallax_attention_ref(*_inputs(12, lq=6, lk=4), causal=True)
     assert torch.equal(out[..., :2, :], torch.zeros_like(out[..., :2, :]))
     assert (out[..., 2:, :].abs() > 0).all()
@@ -266,7 +272,9 @@ def test_bool_mask_equals_additive_inf_mask(shape):
         lambda m: lla_attention_ref(q, k, v, ridge=0.5, attn_mask=m),
     ):
         torch.testing.assert_close(fn(keep), fn(add), rtol=0, atol=1e-14)
-    assert (parallax_attention_ref(q, r, k, v, attn_mask=keep) - parallax_attention_ref(q, r, k, v)).abs().max() > 1e-3
+    assert (
+        parallax_attention_ref(q, r, k, v, attn_mask=keep) - parallax_attention_ref(q, r, k, v)
+    ).abs().max() > 1e-3
 
 
 def test_additive_mask_is_added_to_scaled_logits():
@@ -292,7 +300,10 @@ def test_gqa_equals_explicit_per_head(hq, hkv):
     rep = parallax_attention_ref(q, r, _rep(k, hq), _rep(v, hq), causal=True)
     torch.testing.assert_close(out, rep, rtol=0, atol=0)
     torch.testing.assert_close(
-        lla_attention_ref(q, k, v, ridge=0.5), lla_attention_ref(q, _rep(k, hq), _rep(v, hq), ridge=0.5), rtol=0, atol=1e-14
+        lla_attention_ref(q, k, v, ridge=0.5),
+        lla_attention_ref(q, _rep(k, hq), _rep(v, hq), ridge=0.5),
+        rtol=0,
+        atol=1e-14,
     )
 
 
@@ -309,4 +320,6 @@ def test_default_scale_and_probe_not_scaled():
         rtol=0,
         atol=1e-13,
     )
-    assert (parallax_attention_ref(q, r, k, v, scale=0.7) - parallax_attention_ref(q, 0.7 * r, k, v, scale=0.7)).abs().max() > 1e-3
+    assert (
+        parallax_attention_ref(q, r, k, v, scale=0.7) - parallax_attention_ref(q, 0.7 * r, k, v, scale=0.7)
+    ).abs().max() > 1e-3

@@ -96,6 +96,9 @@ def parallax_fwd(
     c_out = q.new_empty(b, hq, lq, dtype=acc)
     og, mg = _grouped(out, hkv), _grouped(mu_v, hkv)
     lse_g, c_g = lse.view(b, hkv, hq // hkv, lq), c_out.view(b, hkv, hq // hkv, lq)
+    if lk == 0:  # no key at all: every row is empty
+        out.zero_(), mu_v.zero_(), lse.fill_(math.inf), c_out.zero_()
+        return out, mu_v, lse, c_out
     step = _chunk_rows(b, hq, lk)
     for i0 in range(0, lq, step):
         i1 = min(lq, i0 + step)
@@ -161,7 +164,7 @@ def parallax_bwd(
     qg, rg = _grouped(q, hkv), _grouped(r, hkv)
     dog, og, mug = _grouped(grad_out, hkv), _grouped(out, hkv), _grouped(mu_v, hkv)
     lse_g, c_g = lse.view(b, hkv, hq // hkv, lq, 1), c.view(b, hkv, hq // hkv, lq, 1)
-    dq, dr = torch.empty_like(q), torch.empty_like(r)
+    dq, dr = q.new_empty(q.shape), r.new_empty(r.shape)
     dqg, drg = _grouped(dq, hkv), _grouped(dr, hkv)
     dk_acc = torch.zeros(b, hkv, lk, d, dtype=acc, device=q.device)
     dv_acc = torch.zeros(b, hkv, lk, v.shape[-1], dtype=acc, device=q.device)

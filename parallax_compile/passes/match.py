@@ -129,7 +129,7 @@ def _spine(a, b):
     raise NoMatch("ambiguous scores path")
 
 
-def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm], list[str]]:
+def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
     """From the softmax input back to ``QK^T``: returns the product node, the scale on it, the mask
     terms (scaled as they enter the logits) and a description of the ops."""
     ops = []
@@ -186,7 +186,7 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm], list[str]]:
         else:
             raise Skip(f"unsupported op `{_name(t)}` between QK^T and the softmax")
     # Replay in forward order: scale multiplies the product and every term added before it.
-    scale, terms, desc = 1.0, [], []
+    scale, terms = 1.0, []
     for kind, item in reversed(ops):
         if kind == "scale":
             scale *= item
@@ -195,7 +195,7 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm], list[str]]:
                     term.coef *= item
         else:
             terms.append(item)
-    return n, scale, terms, desc
+    return n, scale, terms
 
 
 def _fill_term(cond, value, *, negate: bool) -> MaskTerm:
@@ -338,7 +338,7 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
             pv = u
             break
         raise NoMatch(f"softmax output feeds {_name(u.target)}")
-    product, scale, terms, _ = _walk_logits(gm, sm.args[0])
+    product, scale, terms = _walk_logits(gm, sm.args[0])
     form = {aten.matmul.default: "softmax(matmul)", aten.bmm.default: "softmax(bmm)",
             aten.einsum.default: "softmax(einsum)", aten.baddbmm.default: "softmax(baddbmm)"}[product.target]
     if product.target is aten.einsum.default:
@@ -416,7 +416,7 @@ def _site(anchor, form, *, q, k, v, out, scale, causal, terms, k_transposed, ext
     ks = shape_of(k)
     if len(qs) == 4:
         site.num_heads = qs[1] if isinstance(qs[1], int) else None
-        kv_heads = (ks[1] if not k_transposed else ks[1]) if ks else None
+        kv_heads = ks[1] if ks else None
         site.num_kv_heads = kv_heads if isinstance(kv_heads, int) else None
     site.head_dim = qs[-1] if isinstance(qs[-1], int) else None
     site.nodes = {"q": q, "k": k, "v": v, "out": out, "k_transposed": k_transposed, "rank": len(qs), **extra}
