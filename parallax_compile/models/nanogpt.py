@@ -16,11 +16,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "build_nanogpt"]
+__all__ = ["GPT", "CausalSelfAttention", "GPTConfig", "build_nanogpt"]
 
 
 @dataclass
@@ -135,7 +134,7 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """``idx`` int64 ``[B, T]`` (T <= block_size) -> logits fp32 ``[B, T, vocab]``; with
         ``targets`` ``[B, T]`` (-1 ignored) returns ``(logits, mean cross-entropy loss)``."""
-        b, t = idx.size()
+        _, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"GPT: sequence of length {t} exceeds block_size {self.config.block_size}")
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
@@ -149,7 +148,9 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+    def generate(
+        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> Tensor:
         """Sample ``max_new_tokens`` continuations of ``idx`` ``[B, T]`` (nanoGPT's ``generate``)."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]

@@ -18,7 +18,7 @@ import re
 import torch
 from torch import Tensor
 
-__all__ = ["corpus", "sample_text", "sentences", "byte_tokens", "train_val_split", "get_batch"]
+__all__ = ["byte_tokens", "corpus", "get_batch", "sample_text", "sentences", "train_val_split"]
 
 _UNDERLINE = re.compile(r"^[*=\-~^\"]{3,}\s*$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
