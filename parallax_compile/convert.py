@@ -109,9 +109,9 @@ def _prepare(cap: Capture) -> tuple[list[AttentionSite], dict, Any]:
 
 
 def _revert(gm: fx.GraphModule, site: AttentionSite, new: dict, path: str, reason: str) -> None:
+    """Route the site's users back to the original attention (kept alive until the final
+    dead-code elimination, which also drops the probe)."""
     new["out"].replace_all_uses_with(site.nodes["out"])
-    gm.graph.eliminate_dead_code()
-    gm.delete_submodule(path)
     site.probe = None
     site.skip(reason)
 
@@ -148,10 +148,15 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
                     f"attention by {err:.2e} (relative), above {_tol(ref):.0e}")
         else:
             site.rewritable, site.reason = True, None
-    gm.graph.eliminate_dead_code()
     gm.recompile()
     # 2. The whole model, with gradients: outputs unchanged and finite probe gradients.
     worst = _check_model(cap, gm, sites, added, ref_out, valid_positions)
+    gm.graph.eliminate_dead_code()  # only now: a revert needs the original attention nodes
+    for site in sites:
+        if id(site) in added and not site.rewritable:
+            gm.delete_submodule(added[id(site)][1])
+    gm.graph.lint()
+    gm.recompile()
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
                           reference_outputs=ref_out)
@@ -187,7 +192,6 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
                 new, path = added[id(s)]
                 _revert(gm, s, new, path, f"the model's outputs changed by {worst:.2e} after rewriting")
     if bad_grad or not ok:
-        gm.graph.eliminate_dead_code()
         gm.recompile()
         worst, _ = _outputs_error(cap.run(gm), ref_out, valid_positions)
     return worst

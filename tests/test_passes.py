@@ -435,3 +435,13 @@ def test_convert_is_trainable_and_probe_names():
     (gm(x) ** 2).mean().backward()
     opt.step()
     assert gm.get_parameter("r_proj.weight").abs().sum() > 0
+
+
+def test_several_reverted_sites_keep_a_valid_graph():
+    """Reverting one site must not erase the original attention another revert still needs."""
+    model = nn.Sequential(NormWithBias(), NormWithBias(), MhaBlock()).eval()
+    x = torch.randn(2, 8, 64)
+    gm, info = run_conversion(model, (x,))
+    assert [s.rewritable for s in info.sites] == [False, False, True]
+    gm.graph.lint()
+    assert _max_rel(gm(x), model(x)) <= 1e-5
