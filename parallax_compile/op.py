@@ -7,11 +7,14 @@
 * ``torch.ops.parallax.attention_backward`` is the backward of SPEC section 4 as its own op.
 
 Implementations: :mod:`parallax_compile.kernels.chunked` for every device (bounded memory);
-faster kernels register for their device type on top.
+on CUDA the fused Triton kernels (:mod:`parallax_compile.kernels.triton_parallax`) for the cases
+they cover (fp16/bf16, no mask or a key-padding mask, any length, GQA, causal, window), the
+chunked path for the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -147,6 +150,41 @@ def _attention_backward_fake(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask,
     # Contiguous, like the real implementations (empty_like would copy a transposed input's strides).
     d_mask = attn_mask.new_empty(attn_mask.shape) if mask_needs_grad else q.new_empty(0)
     return q.new_empty(q.shape), r.new_empty(r.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_mask
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton kernels, imported lazily (``import parallax_compile`` never imports triton);
+    None when triton is missing or broken, and then the portable path serves CUDA too."""
+    try:
+        from .kernels import triton_parallax
+    except Exception:  # noqa: BLE001
+        return None
+    return triton_parallax
+
+
+@_attention.register_kernel("cuda")
+def _attention_cuda(q, r, k, v, attn_mask=None, scale=None, causal=False, window_size=None):
+    check_attention_args(q, r, k, v, attn_mask, scale, window_size)
+    s = _resolve_scale(q, scale)
+    tp = _triton_kernels()
+    if tp is not None and tp.supports(q, r, k, v, attn_mask, s, causal, window_size):
+        return tp.parallax_fwd(q, r, k, v, attn_mask, s, causal, window_size)
+    return chunked.parallax_fwd(q, r, k, v, attn_mask, s, causal, window_size)
+
+
+@_attention_backward.register_kernel("cuda")
+def _attention_backward_cuda(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal,
+                             window_size, mask_needs_grad):
+    s = _resolve_scale(q, scale)
+    tp = _triton_kernels()
+    if tp is not None and tp.supports(q, r, k, v, attn_mask, s, causal, window_size, mask_needs_grad):
+        dq, dr, dk, dv, _ = tp.parallax_bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, s,
+                                            causal, window_size, False)
+        return dq, dr, dk, dv, q.new_empty(0)
+    dq, dr, dk, dv, d_mask = chunked.parallax_bwd(grad_out.contiguous(), q, r, k, v, out, mu_v, lse, c,
+                                                  attn_mask, s, causal, window_size, mask_needs_grad)
+    return dq, dr, dk, dv, (d_mask if d_mask is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

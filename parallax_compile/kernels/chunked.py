@@ -8,7 +8,8 @@ the input dtype (fp32, fp16, bf16).
 
 Saved for backward (SPEC section 4): ``out``, ``mu_v`` (= O1/d1) in the input dtype, and per row
 ``lse = m + log(d1)`` and ``c = d2/d1`` in fp32. ``lse = +inf`` marks a row with no allowed key,
-so that ``exp(l - lse) = 0`` there.
+so that ``exp(l - lse) = 0`` there (the Triton backward relies on it; this one recomputes the
+row softmax, see :func:`_softmax_rows`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,18 @@ def parallax_fwd(
     return out, mu_v, lse, c_out
 
 
+def _softmax_rows(logits: Tensor) -> Tensor:
+    """Softmax weights of full rows (0 for a row with no allowed key). The backward holds whole
+    rows anyway, so it recomputes them instead of using ``exp(l - lse)``: exact also for rows
+    whose every logit is ``finfo.min``-padded, where ``lse = finfo.min + log(d1)`` rounds away
+    ``log(d1)``."""
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    p = torch.exp(logits - m)
+    d1 = p.sum(-1, keepdim=True)
+    return p / torch.where(d1 == 0, torch.ones_like(d1), d1)
+
+
 def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     """Sum a ``[B, Hq, C, Lk]`` gradient block down to a broadcastable mask ``shape`` (its row
     dim is kept at ``C`` unless the mask broadcasts over rows)."""
@@ -163,7 +176,7 @@ def parallax_bwd(
     kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg, rg = _grouped(q, hkv), _grouped(r, hkv)
     dog, og, mug = _grouped(grad_out, hkv), _grouped(out, hkv), _grouped(mu_v, hkv)
-    lse_g, c_g = lse.view(b, hkv, hq // hkv, lq, 1), c.view(b, hkv, hq // hkv, lq, 1)
+    c_g = c.view(b, hkv, hq // hkv, lq, 1)
     dq, dr = q.new_empty(q.shape), r.new_empty(r.shape)
     dqg, drg = _grouped(dq, hkv), _grouped(dr, hkv)
     dk_acc = torch.zeros(b, hkv, lk, d, dtype=acc, device=q.device)
@@ -179,7 +192,7 @@ def parallax_bwd(
             qc, kf.squeeze(2), _mask_block(attn_mask, hkv, hq, i0, i1),
             scale=scale, causal=causal, window_size=window_size, i0=i0, lq=lq, lk=lk,
         )
-        s = torch.exp(logits - lse_g[..., i0:i1, :])
+        s = _softmax_rows(logits)
         del logits
         g = torch.matmul(rc, kf.transpose(-1, -2))
         a = s * (1 + cc - g)
