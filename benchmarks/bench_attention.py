@@ -380,11 +380,14 @@ def main(argv=None) -> int:
                 if name != "parallax" and e.get("status") == "ok" and base.get("status") == "ok":
                     base[f"speedup_vs_{name}"] = e["ms"] / base["ms"]
             _print_row(s, mode, row)
-    out = {"machine": info, "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
+        _write(args.json, info, results)  # after every shape: a run cut short keeps what it measured
     print(f"# wrote {args.json}")
     return 0
+
+
+def _write(path: Path, info: dict, results: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "results": results}, indent=2))
 
 
 def _print_row(s: Shape, mode: str, row: dict) -> None:
