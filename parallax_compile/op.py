@@ -117,7 +117,7 @@ def _attention_fake(q, r, k, v, attn_mask=None, scale=None, causal=False, window
     check_attention_args(q, r, k, v, attn_mask, scale, window_size)
     b, hq, lq, _ = q.shape
     out = q.new_empty(b, hq, lq, v.shape[-1])
-    stats = q.new_empty(b, hq, lq, dtype=chunked.acc_dtype(q.dtype))
+    stats = q.new_empty(b, hq, lq, dtype=chunked.stats_dtype(q.dtype))
     return out, torch.empty_like(out), stats, torch.empty_like(stats)
 
 

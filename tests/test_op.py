@@ -342,8 +342,8 @@ def test_many_chunks(monkeypatch, rows_per_chunk, mask_kind):
     calls = []
     logits_block = chunked._logits_block
     monkeypatch.setattr(chunked, "_logits_block", lambda *a, **k: calls.append(1) or logits_block(*a, **k))
-    monkeypatch.setattr(chunked, "SCORE_BLOCK_BYTES", rows_per_chunk * 4 * b * hq * lk)
-    assert chunked._chunk_rows(b, hq, lk) == rows_per_chunk
+    monkeypatch.setattr(chunked, "SCORE_BLOCK_BYTES", rows_per_chunk * 8 * b * hq * lk)  # fp64 blocks
+    assert chunked._chunk_rows(b, hq, lk, F64) == rows_per_chunk
 
     out = parallax_attention(q, r, k, v, **kw)
     torch.manual_seed(52)
@@ -365,7 +365,7 @@ def test_chunked_fp32_matches_single_chunk(monkeypatch):
     kw = dict(causal=True, attn_mask=_mask_add(54, (37, 29)))
     one = parallax_attention(q, r, k, v, **kw)
     g_one = torch.autograd.grad(one.sum(), (q, r, k, v, kw["attn_mask"]))
-    monkeypatch.setattr(chunked, "SCORE_BLOCK_BYTES", 5 * 4 * 2 * 29)  # 5 rows: 8 chunks, last of 2
+    monkeypatch.setattr(chunked, "SCORE_BLOCK_BYTES", 5 * 8 * 2 * 29)  # 5 fp64 rows: 8 chunks, last of 2
     many = parallax_attention(q, r, k, v, **kw)
     g_many = torch.autograd.grad(many.sum(), (q, r, k, v, kw["attn_mask"]))
     torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)

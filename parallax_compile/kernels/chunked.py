@@ -24,13 +24,24 @@ from torch import Tensor
 SCORE_BLOCK_BYTES = 32 * 2**20
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (gradcheck)."""
+def acc_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp16/bf16 inputs; for fp32 inputs fp32 on accelerators and
+    fp64 on the CPU (the CPU path is the correctness path: a deep fp32 model such as Gemma 3
+    amplifies ulp-level differences ~20x, and exact accumulation keeps a converted model within
+    1e-5 of the original); fp64 for fp64 inputs (gradcheck)."""
+    if dtype == torch.float32 and device is not None and device.type == "cpu":
+        return torch.float64
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(batch: int, heads: int, lk: int) -> int:
-    return max(1, SCORE_BLOCK_BYTES // max(1, 4 * batch * heads * lk))
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved row statistics ``lse`` and ``c``: fp32 (fp64 for fp64 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(batch: int, heads: int, lk: int, acc: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=acc).element_size()
+    return max(1, SCORE_BLOCK_BYTES // max(1, itemsize * batch * heads * lk))
 
 
 def _grouped(x: Tensor, hkv: int) -> Tensor:
@@ -88,19 +99,19 @@ def parallax_fwd(
     ``[B, Hq, Lq]`` twice in fp32."""
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    acc = acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype, q.device)
     kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)  # [B, Hkv, 1, Lk, D]
     qg, rg = _grouped(q, hkv), _grouped(r, hkv)
     out = q.new_empty(b, hq, lq, dv)
     mu_v = q.new_empty(b, hq, lq, dv)
-    lse = q.new_empty(b, hq, lq, dtype=acc)
-    c_out = q.new_empty(b, hq, lq, dtype=acc)
+    lse = q.new_empty(b, hq, lq, dtype=stats_dtype(q.dtype))
+    c_out = q.new_empty(b, hq, lq, dtype=stats_dtype(q.dtype))
     og, mg = _grouped(out, hkv), _grouped(mu_v, hkv)
     lse_g, c_g = lse.view(b, hkv, hq // hkv, lq), c_out.view(b, hkv, hq // hkv, lq)
     if lk == 0:  # no key at all: every row is empty
         out.zero_(), mu_v.zero_(), lse.fill_(math.inf), c_out.zero_()
         return out, mu_v, lse, c_out
-    step = _chunk_rows(b, hq, lk)
+    step = _chunk_rows(b, hq, lk, acc)
     for i0 in range(0, lq, step):
         i1 = min(lq, i0 + step)
         qc, rc = qg[..., i0:i1, :].to(acc), rg[..., i0:i1, :].to(acc)
@@ -172,7 +183,7 @@ def parallax_bwd(
     of an additive mask, shaped like it) only when ``mask_needs_grad``."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    acc = acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype, q.device)
     kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg, rg = _grouped(q, hkv), _grouped(r, hkv)
     dog, og, mug = _grouped(grad_out, hkv), _grouped(out, hkv), _grouped(mu_v, hkv)
@@ -182,7 +193,7 @@ def parallax_bwd(
     dk_acc = torch.zeros(b, hkv, lk, d, dtype=acc, device=q.device)
     dv_acc = torch.zeros(b, hkv, lk, v.shape[-1], dtype=acc, device=q.device)
     d_mask_rows = []
-    step = _chunk_rows(b, hq, lk)
+    step = _chunk_rows(b, hq, lk, acc)
     for i0 in range(0, lq, step):
         i1 = min(lq, i0 + step)
         qc, rc = qg[..., i0:i1, :].to(acc), rg[..., i0:i1, :].to(acc)
