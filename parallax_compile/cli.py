@@ -164,6 +164,8 @@ def verify(converted: Path) -> None:
     nonzero = sum(1 for v in report.probe_norms.values() if v > 0)
     console.print(f"probes: {len(report.probe_norms)} ({nonzero} non-zero); "
                   f"outputs at W_R = 0 vs original: max relative error {report.output_error:.2e}")
+    for note in report.notes:
+        console.print(f"note: {note}")
     if not report.ok:
         for p in report.problems:
             err.print(f"[red]FAIL[/]: {p}")

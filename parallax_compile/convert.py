@@ -38,6 +38,9 @@ class ConversionInfo:
     max_output_error: float | None = None
     reference_outputs: Any = field(default=None, repr=False)
     """The original model's outputs on the example inputs (what ``verify`` compares against)."""
+    weights_digest: str = ""
+    """sha256 of the non-probe weights at conversion: ``verify`` compares against the original
+    outputs only while these are unchanged (probes-only fine-tuning)."""
     example_args: tuple = field(default=(), repr=False)
     example_kwargs: dict = field(default_factory=dict, repr=False)
     dynamic_shapes: Any = field(default=None, repr=False)
@@ -74,6 +77,23 @@ def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:
             ra = torch.where(keep, r.abs(), 0)
             scale = max(scale, ra.max().item() if ra.numel() else 0.0)
     return diff / scale if scale > 0 else diff
+
+
+def is_probe(name: str) -> bool:
+    """Whether a parameter name is a Parallax probe (``<owner>.r_proj[_N].weight``)."""
+    return name.split(".")[-2].startswith("r_proj") if "." in name else False
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of every parameter and buffer that is not a probe."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if not is_probe(name):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _tol(t: torch.Tensor) -> float:
@@ -168,7 +188,7 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     gm.recompile()
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
-                          reference_outputs=ref_out)
+                          reference_outputs=ref_out, weights_digest=weights_digest(gm))
     gm.meta["parallax"] = info
     return gm, info
 

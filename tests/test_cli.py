@@ -73,20 +73,32 @@ def test_convert_hf_directory(tmp_path, hf_dir):
     assert _run("verify", str(out)).exit_code == 0
 
 
-def test_verify_detects_a_broken_probe(tmp_path):
-    """verify must fail when the saved model no longer is the original at W_R = 0."""
-    import parallax_compile as pc
+def test_verify_detects_a_model_that_is_no_longer_the_original(tmp_path):
+    """verify must fail when the saved model at W_R = 0 does not reproduce the original outputs."""
+    from safetensors.torch import load_file, save_file
 
     out = tmp_path / "m"
     assert _run("convert", "tests.test_cli:factory", "-o", str(out)).exit_code == 0
-    gm = pc.load(out)
-    with torch.no_grad():
-        gm.get_parameter("layers.0.self_attn.out_proj.weight").mul_(-1.0)  # not a probe: breaks the model
-    ep = torch.export.export(gm, (), {"src": torch.randn(2, 5, 32)}, strict=False)
-    torch.export.save(ep, out / "model.pt2")
+    ref = load_file(out / "reference.safetensors")
+    ref["output.0"] = -ref["output.0"]  # what the original model computed, tampered with
+    save_file(ref, out / "reference.safetensors")
     result = _run("verify", str(out))
     assert result.exit_code == 1
     assert "differs from the original" in result.output
+
+
+def test_verify_after_full_fine_tuning_says_the_zero_probe_check_does_not_apply(tmp_path):
+    import parallax_compile as pc
+
+    module, inputs = factory()
+    gm = pc.convert(module.eval(), inputs)
+    with torch.no_grad():
+        gm.get_parameter("layers.0.self_attn.out_proj.weight").mul_(-1.0)  # "fine-tuned"
+        gm.get_parameter("layers.0.self_attn.r_proj.weight").normal_()
+    pc.save(gm, tmp_path / "ft")
+    report = pc.verify(tmp_path / "ft")
+    assert report.ok and report.notes and "full fine-tuning" in report.notes[0]
+    assert all(e["error"] <= e["tolerance"] for e in report.op_errors) and len(report.op_errors) == 2
 
 
 @pytest.mark.parametrize(
