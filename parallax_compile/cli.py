@@ -15,7 +15,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False)
+# Redirected to a file or CI log, rich would wrap tables at 80 columns and split words.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 DEFAULT_MODEL = "nanogpt"

@@ -13,6 +13,7 @@ A saved conversion is a directory:
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import platform
@@ -72,11 +73,44 @@ def save(module: fx.GraphModule, directory: str | Path, *, source: str | None = 
         "inputs_spec": pytree.treespec_dumps(spec),
         "input_constants": constants,
         "num_outputs": len(outs),
+        "pytree_modules": _pytree_modules(module),
         "weights_digest": info.weights_digest,
         "sites": [s.as_dict() for s in info.sites],
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return out
+
+
+def _pytree_modules(module: fx.GraphModule) -> list[str]:
+    """Modules defining the container types of the inputs/outputs (e.g. a transformers
+    ``ModelOutput``): they must be imported before ``torch.export.load`` can rebuild the spec."""
+    found = set()
+
+    def walk(spec):
+        if spec is None:
+            return
+        t = getattr(spec, "type", None)
+        if t is not None and getattr(t, "__module__", "builtins") not in ("builtins", "collections"):
+            found.add(t.__module__)
+        for child in getattr(spec, "children_specs", []) or []:
+            walk(child)
+
+    walk(getattr(module, "_out_spec", None))
+    walk(getattr(module, "_in_spec", None))
+    return sorted(found)
+
+
+def _retie(gm: fx.GraphModule) -> None:
+    """Parameters that shared one tensor before saving (tied embeddings) come back as separate
+    Parameter objects over one storage; make them one object again so an optimizer sees it once."""
+    first: dict[tuple, torch.nn.Parameter] = {}
+    for name, p in list(gm.named_parameters(remove_duplicate=False)):
+        key = (p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype)
+        if key not in first:
+            first[key] = p
+        elif first[key] is not p:
+            owner, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, attr, first[key])
 
 
 def _read(directory: Path) -> tuple[dict, tuple, dict, list]:
@@ -96,8 +130,12 @@ def load(directory: str | Path) -> fx.GraphModule:
     for name in (MODEL_FILE, REPORT_FILE, REFERENCE_FILE):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory} is not a saved conversion: {name} is missing")
+    report = json.loads((directory / REPORT_FILE).read_text())
+    for name in report.get("pytree_modules", []):
+        importlib.import_module(name)  # registers e.g. transformers' ModelOutput pytree nodes
     gm = unlift(torch.export.load(directory / MODEL_FILE))
-    gm.meta["parallax_report"] = json.loads((directory / REPORT_FILE).read_text())
+    _retie(gm)
+    gm.meta["parallax_report"] = report
     return gm
 
 

@@ -71,6 +71,26 @@ def test_convert_hf_directory(tmp_path, hf_dir):
     assert [s["probe"] for s in report["sites"]] == [
         "model.layers.0.self_attn.r_proj.weight", "model.layers.1.self_attn.r_proj.weight"]
     assert _run("verify", str(out)).exit_code == 0
+    # A fresh process has not imported transformers: load must still rebuild its output types.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "parallax_compile.cli", "verify", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_load_keeps_tied_weights_tied(tmp_path):
+    import parallax_compile as pc
+    from parallax_compile.models import load_model
+
+    loaded = load_model("nanogpt", seq_len=16)
+    gm = pc.convert(loaded.model, loaded.example_inputs)
+    pc.save(gm, tmp_path / "n")
+    back = pc.load(tmp_path / "n")
+    assert len(list(back.parameters())) == len(list(gm.parameters()))
+    assert back.get_parameter("lm_head.weight") is back.get_parameter("transformer.wte.weight")
 
 
 def test_verify_detects_a_model_that_is_no_longer_the_original(tmp_path):
