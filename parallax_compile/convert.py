@@ -92,7 +92,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if not is_probe(name):
             h.update(name.encode())
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
