@@ -21,6 +21,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from graph_tools import record_parallax_calls
+
 from parallax_compile.convert import ConversionInfo, run_conversion
 from parallax_compile.models import TINY_FAMILIES, LoadedModel, load_model
 
@@ -90,49 +92,10 @@ def _assert_outputs_match(new: Any, ref: Any, valid: torch.Tensor | None) -> Non
         assert err <= REL_TOL * scale, f"max abs error {err:.3e} > {REL_TOL:.0e} * {scale:.3e}"
 
 
-class OpRecorder(fx.Interpreter):
-    """Runs a converted module and records, per ``parallax.attention`` node, the probe it reads
-    and the mask / causal / window arguments it received."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.calls: dict[str, dict[str, Any]] = {}
-
-    def call_function(self, target, args, kwargs):
-        out = super().call_function(target, args, kwargs)
-        if target is torch.ops.parallax.attention.default:
-            node = self.current
-            probe = _probe_of(node.args[1])
-            self.calls[probe] = {"mask": args[4], "causal": args[6], "window": args[7], "q": args[0]}
-        return out
-
-    def run_node(self, n):
-        self.current = n
-        return super().run_node(n)
-
-
-def _probe_of(r: fx.Node) -> str:
-    """The ``r_proj.weight`` get_attr that the op's ``r`` argument is computed from."""
-    seen, todo = set(), [r]
-    while todo:
-        n = todo.pop()
-        if n in seen or not isinstance(n, fx.Node):
-            continue
-        seen.add(n)
-        if n.op == "get_attr" and str(n.target).endswith("r_proj.weight"):
-            return str(n.target)
-        todo.extend(n.all_input_nodes)
-    raise AssertionError(f"no probe weight feeds {r}")
-
-
 def record_ops(gm: fx.GraphModule, inputs: dict[str, Any]) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """Run ``gm(**inputs)`` through :class:`OpRecorder`; returns (outputs, per-probe op arguments)."""
-    rec = OpRecorder(gm)
-    with torch.no_grad():
-        flat = rec.run(*pytree.tree_leaves(inputs))  # the unlifted graph takes the flattened inputs
-    spec = getattr(gm, "_out_spec", None)
-    out = pytree.tree_unflatten(pytree.tree_leaves(flat), spec) if spec is not None else flat
-    return out, rec.calls
+    """Run ``gm(**inputs)``; per probe, the q / mask / causal / window its Parallax node received."""
+    return record_parallax_calls(
+        gm, inputs, lambda a: {"mask": a[4], "causal": a[6], "window": a[7], "q": a[0]})
 
 
 def allowed_keys(call: dict[str, Any], row: int, query: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
+
+from graph_tools import record_parallax_calls
 
 import parallax_compile as pc
 from parallax_compile.convert import run_conversion
@@ -32,43 +33,6 @@ REL_TOL = 1e-5  # fp32: max abs error relative to the output's max abs value
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _probe_of(r: fx.Node) -> str:
-    """The ``r_proj.weight`` get_attr that a Parallax node's ``r`` argument is computed from."""
-    seen, todo = set(), [r]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr" and str(n.target).endswith("r_proj.weight"):
-            return str(n.target)
-        todo.extend(n.all_input_nodes)
-    raise AssertionError(f"no probe weight feeds {r}")
-
-
-class _OpRecorder(fx.Interpreter):
-    """Runs a converted module; per Parallax node (keyed by its probe) keeps ``keep_of(args)``."""
-
-    def __init__(self, gm: fx.GraphModule, keep_of):
-        super().__init__(gm)
-        self.keep_of, self.calls = keep_of, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.op == "call_function" and n.target is torch.ops.parallax.attention.default:
-            args = self.fetch_args_kwargs_from_env(n)[0]
-            self.calls[_probe_of(n.args[1])] = self.keep_of(args)
-        return out
-
-
-def _run_recording(gm: fx.GraphModule, inputs: dict[str, Any], keep_of) -> tuple[Any, dict[str, Any]]:
-    rec = _OpRecorder(gm, keep_of)
-    with torch.no_grad():
-        flat = rec.run(*pytree.tree_leaves(inputs))
-    spec = getattr(gm, "_out_spec", None)
-    return (pytree.tree_unflatten(pytree.tree_leaves(flat), spec) if spec is not None else flat), rec.calls
 
 
 def _last_row_keys(args) -> torch.Tensor:
@@ -233,7 +197,7 @@ def gemma() -> Gemma:
     with torch.no_grad():
         ref = loaded.model(**loaded.example_inputs).logits
     gm, info = _convert(loaded)
-    out, keys = _run_recording(gm, loaded.example_inputs, _last_row_keys)
+    out, keys = record_parallax_calls(gm, loaded.example_inputs, _last_row_keys)
     err = _rel_err_at_valid(out.logits, ref, loaded.valid_positions)
     return Gemma(
         config=loaded.model.config,
