@@ -7,6 +7,7 @@ Pipeline (one package per step): ``passes.capture`` -> ``passes.match`` -> ``pas
 __version__ = "0.1.0"
 
 from .convert import ConversionInfo, convert, find_attention
+from .decode import parallax_attention_with_kvcache
 from .op import parallax_attention
 from .passes.site import AttentionSite
 from .saving import load, save, verify
@@ -18,6 +19,7 @@ __all__ = [
     "find_attention",
     "load",
     "parallax_attention",
+    "parallax_attention_with_kvcache",
     "save",
     "verify",
 ]
