@@ -24,6 +24,7 @@ Fresh allocations are poisoned with NaN (``triton_parallax.POISON`` and
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -64,7 +65,7 @@ else:
     tp = None
 
 from parallax_compile.kernels import chunked
-from parallax_compile.reference import parallax_attention_ref
+from parallax_compile.reference import allowed_keys, parallax_attention_ref
 
 F64 = torch.float64
 DEVICE = "cuda" if CUDA else "cpu"
@@ -183,10 +184,16 @@ def _check(dtype, b, hq, hkv, lq, lk, d, dv=None, causal=False, window=None, mas
     assert _rel(mu, r_mu) <= tol, f"mu_v error {_rel(mu, r_mu)}"
     empty = torch.isinf(r_lse)
     assert torch.equal(torch.isinf(lse), empty) and (lse[empty] > 0).all(), "lse = +inf exactly on empty rows"
-    # rows that see only finfo.min-masked keys: uniform weights, lse of order -1e38 (the kernels clamp
-    # the mask to -2.35e38 so that it stays finite in base-2 units; chunked keeps -3.4e38)
+    # rows that see only finfo.min-masked keys: uniform weights; chunked's lse is finfo.min + log n,
+    # the kernels' MASK_FLOOR ln 2 + log n (n = keys the row sees), which keeps log n in fp32
     huge = r_lse < -1e30
-    assert (lse[huge] < -1e37).all()
+    if huge.any():  # n = keys the row sees (all of them finfo.min-masked there)
+        seen = allowed_keys(lq, lk, causal=causal, window_size=window).expand(b, hq, lq, lk)
+        if mask is not None and mask.dtype != torch.bool:
+            seen = seen & (mask.cpu().expand(b, hq, 1, lk) > -math.inf)
+        n = seen.sum(-1).double().to(lse.device)
+        want_lse = float(tp.MASK_FLOOR.value) * math.log(2) + torch.log(n)
+        assert torch.allclose(lse[huge].double(), want_lse[huge], atol=2e-3), "lse of rows seeing only finfo.min keys"
     normal = ~empty & ~huge
     assert torch.allclose(lse[normal].double(), r_lse[normal], atol=1e-3, rtol=1e-4)
     assert torch.allclose(c.double(), r_c, atol=2e-3, rtol=1e-2)
@@ -212,6 +219,8 @@ CASES = [
     ("pad-bool-head-causal", 2, 2, 2, 33, 33, 64, 64, True, None, "bool-head"),
     ("pad-additive", 2, 2, 2, 17, 40, 64, 64, False, None, "additive"),
     ("pad-additive-1d", 1, 2, 2, 33, 33, 64, 64, True, None, "additive-1d"),
+    # rows 22.. see only finfo.min-padded keys (window 6, keys >= 17 padded): uniform weights
+    ("window-pad-additive-1d", 1, 2, 2, 34, 34, 64, 64, False, 6, "additive-1d"),
     ("d80-causal", 1, 2, 2, 40, 40, 80, 80, True, None, None),
     ("d128", 1, 2, 1, 33, 33, 128, 128, False, None, None),
     ("d64-dv80", 1, 2, 2, 33, 33, 64, 80, True, None, None),

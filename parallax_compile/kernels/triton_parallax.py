@@ -39,10 +39,10 @@ Coverage (:func:`supports`): fp16 / bf16; fp32 runs with IEEE fp32 dots (tf32 of
 broadcastable to ``[B, Hq, 1, Lk]``) loaded per key tile. Any other mask shape, a mask that needs a
 gradient, or other devices/dtypes: ``supports`` is False and the caller uses ``chunked``.
 
-Additive masks: ``-inf`` masks; ``finfo.min``-style padding is clamped to -2.35e38 so that it stays
-finite in base-2 units (a row that sees only such keys gets uniform weights, as in the reference);
-the backward clamps ``s <= 1`` there so such rows stay finite (their gradient is exact when their
-``dO`` is 0, i.e. padding positions; ``chunked`` has the same limitation).
+Additive masks: ``-inf`` masks; other values are floored at ``2^-4096`` in base-2 units (exactly 0
+weight in fp32 next to any normal key), and ``finfo.min``-style padding (<= -1e30) gives a row that
+sees only such keys the reference's uniform weights, with ``lse = -4096 ln 2 + log n`` instead of
+``finfo.min + log n`` (which fp32 cannot hold; the backward rebuilds the weights from it exactly).
 
 Measured on an H200 (torch 2.11, triton 3.6, bf16, L2 flushed, ``benchmarks/bench_attention.py``),
 B=4, H=32, L=4096, D=128, counting ``8*B*H*L*L*D/2`` forward FLOPs and 2x that for the backward:
@@ -218,13 +218,33 @@ def _load_rows(p, o_r, n_r, o_c, N_C: tl.constexpr, BLOCK_C: tl.constexpr, CHECK
     return x
 
 
+# Additive masks in base-2 logit units: finite values are floored at MASK_FLOOR (2^-4096 is 0 in
+# fp32, so a floored key gets exactly the zero weight that ``finfo.min`` padding gets in the reference
+# wherever the row sees a normal key), and ``finfo.min``-style padding (<= -1e30, where ``l + mask``
+# drops ``l`` in fp32 and fp64 alike) becomes the tag HUGE_TAG: its logit is MASK_FLOOR exactly, so a
+# row that sees only such keys gets the reference's uniform weights with an lse (about
+# MASK_FLOOR * ln 2 + log n) that keeps log n, which the backward needs to rebuild the weights.
+MASK_FLOOR = tl.constexpr(-4096.0)
+MASK_HUGE = tl.constexpr(-1e30)
+HUGE_TAG = tl.constexpr(-3.0e38)
+
+
 @triton.jit
 def _mask_log2(b_mk):
-    """Additive mask values in base-2 logit units. ``-inf`` stays ``-inf``; a huge finite value
-    (``finfo.min`` padding) is clamped instead of overflowing to ``-inf``, so a row masked with it
-    everywhere keeps uniform weights, as the reference's ``logits + mask`` does."""
+    """Additive mask values in base-2 logit units: ``-inf`` stays ``-inf``, values <= MASK_HUGE
+    become HUGE_TAG, others ``max(b * log2(e), MASK_FLOOR)``. Use with :func:`_add_mask`."""
     b_mk = b_mk.to(tl.float32)
-    return tl.where(b_mk == float("-inf"), float("-inf"), tl.maximum(b_mk, -2.35e38) * 1.4426950408889634)
+    b2 = tl.maximum(tl.maximum(b_mk, -1e38) * 1.4426950408889634, MASK_FLOOR)
+    b2 = tl.where(b_mk <= MASK_HUGE, HUGE_TAG, b2)
+    return tl.where(b_mk == float("-inf"), float("-inf"), b2)
+
+
+@triton.jit
+def _add_mask(s, b2, base):
+    """``s + b2`` for base-2 logits ``s`` (already minus ``base``, the row's base-2 lse in the
+    backward, 0 in the forward) and :func:`_mask_log2` values ``b2`` (broadcast by the caller);
+    a HUGE_TAG key's logit is MASK_FLOOR, independent of ``s``."""
+    return tl.where(b2 == HUGE_TAG, MASK_FLOOR - base, s + b2)
 
 
 @triton.jit
@@ -354,7 +374,7 @@ def _parallax_fwd_inner(
             b_s = tl.where((b_mk != 0)[None, :], b_s, float("-inf"))
         elif MASK_KIND == 2:
             b_mk = _mask_log2(tl.load(p_mb + o_n64 * stride_mn, mask=o_n < seq_k, other=0.0))
-            b_s = b_s + b_mk[None, :]
+            b_s = _add_mask(b_s, b_mk[None, :], 0.0)
         if MASKED:
             m_s = _allowed(o_m[:, None], o_n[None, :], seq_q, seq_k, WINDOW, CAUSAL, HAS_WINDOW)
             b_s = tl.where(m_s, b_s, float("-inf"))
@@ -547,11 +567,12 @@ def _parallax_bwd_dkv_inner(
             b_dr = tl.load(dr + p_s)
         b_c1 = 1.0 + b_c  # [BM]
         # base-2 logit minus base-2 lse (one FMA), then the masks
-        b_st = _dot(b_k, tl.trans(b_q), None, PREC, UPCAST) * qk_scale - (b_lse * 1.4426950408889634)[None, :]
+        b_lse2 = b_lse * 1.4426950408889634
+        b_st = _dot(b_k, tl.trans(b_q), None, PREC, UPCAST) * qk_scale - b_lse2[None, :]
         if MASK_KIND == 1:
             b_st = tl.where((b_mk != 0)[:, None], b_st, float("-inf"))
-        elif MASK_KIND == 2:  # s <= 1: keeps rows padded with finfo.min finite (lse has lost log(d1))
-            b_st = tl.minimum(b_st + b_mk[:, None], 0.0)
+        elif MASK_KIND == 2:  # s <= 1 against rounding of lse
+            b_st = tl.minimum(_add_mask(b_st, b_mk[:, None], b_lse2[None, :]), 0.0)
         if MASKED:
             m_st = _allowed(o_m[None, :], o_n[:, None], seq_q, seq_k, WINDOW, CAUSAL, HAS_WINDOW)
             b_st = tl.where(m_st, b_st, float("-inf"))
@@ -665,7 +686,7 @@ def _parallax_bwd_dq_inner(
             b_s = tl.where((b_mk != 0)[None, :], b_s, float("-inf"))
         elif MASK_KIND == 2:  # s <= 1 (see the dkv kernel)
             b_mk = _mask_log2(tl.load(p_mb + o_n64 * stride_mn, mask=o_n < seq_k, other=0.0))
-            b_s = tl.minimum(b_s + b_mk[None, :], 0.0)
+            b_s = tl.minimum(_add_mask(b_s, b_mk[None, :], b_lse2[:, None]), 0.0)
         if MASKED:
             m_s = _allowed(o_m[:, None], o_n[None, :], seq_q, seq_k, WINDOW, CAUSAL, HAS_WINDOW)
             b_s = tl.where(m_s, b_s, float("-inf"))
