@@ -241,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", choices=["shakespeare", "pydoc"], default="shakespeare")
     p.add_argument("--runs", nargs="*", default=["softmax:muon", "parallax:muon", "softmax:adamw", "parallax:adamw"],
                    help="attention:optimizer pairs (attention softmax|parallax, optimizer muon|adamw)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -280,6 +280,11 @@ def main(argv=None) -> dict:
     for run in args.runs:
         attention, opt_kind = run.split(":")
         results.append(train_one(attention, opt_kind, train, val, args, device))
+        out = _write(results, train, val, args, device)  # after every run: a cut-short call keeps them
+    return out
+
+
+def _write(results: list[dict], train: Tensor, val: Tensor, args, device) -> dict:
     info = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
