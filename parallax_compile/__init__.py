@@ -6,11 +6,18 @@ Pipeline (one package per step): ``passes.capture`` -> ``passes.match`` -> ``pas
 
 __version__ = "0.1.0"
 
+import sys
+
 from .convert import ConversionInfo, convert, find_attention
 from .decode import parallax_attention_with_kvcache
 from .op import parallax_attention
 from .passes.site import AttentionSite
 from .saving import load, save, verify
+
+if "transformers" in sys.modules:  # register the "parallax" attention implementation (else: parallax_compile.hf)
+    from .hf.attention import register as _register_hf
+
+    _register_hf()
 
 __all__ = [
     "AttentionSite",

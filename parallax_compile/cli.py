@@ -133,6 +133,8 @@ def convert(model: str, output: Path, seq_len, batch_size) -> None:
     from .saving import save
 
     loaded = _load(model, seq_len, batch_size)
+    if type(loaded.model).__module__.startswith("transformers.") and getattr(loaded.model, "can_generate", bool)():
+        return _convert_hf_causal_lm(model, loaded, output)
     with err.status("Converting (capture, match, rewrite, verify) ..."):
         gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
                         valid_positions=loaded.valid_positions)
@@ -146,6 +148,28 @@ def convert(model: str, output: Path, seq_len, batch_size) -> None:
     console.print(f"saved to {output}  (check it with: parallax-compile verify {output})")
 
 
+def _convert_hf_causal_lm(model: str, loaded, output: Path) -> None:
+    """A Hugging Face causal LM stays a transformers model: upgraded in place (probes on the attention
+    modules, ``parallax`` attention implementation) and written as a Hugging Face model directory."""
+    from .hf import save_hf, upgrade
+
+    with err.status("Converting (capture, match, upgrade, verify) ..."):
+        info = upgrade(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
+                       valid_positions=loaded.valid_positions)
+    console.print(sites_table(info.sites, f"{model}: conversion"))
+    console.print(_summary(info))
+    tokenizer_dir = getattr(loaded.model.config, "_name_or_path", None) or None
+    if loaded.spec.startswith("gemma3-270m"):
+        from .models.gemma3 import gemma3_270m_dir
+
+        tokenizer_dir = gemma3_270m_dir()
+    with err.status(f"Saving to {output} ..."):
+        save_hf(loaded.model, info, output, source=loaded.spec, tokenizer_dir=tokenizer_dir)
+    console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
+    console.print(f"saved a Hugging Face model directory to {output}  (load it with "
+                  f"parallax_compile.hf.from_pretrained({str(output)!r}); check it with: parallax-compile verify {output})")
+
+
 @main.command()
 @click.argument("converted", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_friendly
@@ -155,6 +179,10 @@ def verify(converted: Path) -> None:
     from .saving import verify as run_verify
 
     with err.status(f"Verifying {converted} ..."):
+        if (converted / "config.json").is_file():  # a Hugging Face directory from a causal LM conversion
+            from .hf import is_hf_dir, verify_hf
+
+            run_verify = verify_hf if is_hf_dir(converted) else run_verify
         report = run_verify(converted)
     table = Table(title=f"{converted}: Parallax nodes vs float64 reference")
     for col in ("node", "dtype", "rel. RMS error", "tolerance"):

@@ -137,6 +137,12 @@ def _prepare(cap: Capture) -> tuple[list[AttentionSite], dict, Any]:
     return sites, chains, ref_out
 
 
+def prepare_sites(cap: Capture) -> tuple[list[AttentionSite], dict, Any]:
+    """Match the sites of a capture and find each one's query chain (no rewrite):
+    ``(sites, {id(site): QueryChain}, original outputs)``. Used by :mod:`parallax_compile.hf`."""
+    return _prepare(cap)
+
+
 def _revert(gm: fx.GraphModule, site: AttentionSite, new: dict, path: str, reason: str) -> None:
     """Route the site's users back to the original attention (kept alive until the final
     dead-code elimination, which also drops the probe)."""

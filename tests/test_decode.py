@@ -155,6 +155,15 @@ def test_triton_decode_kernel_matches_oracle(b, hq, hkv, lq, d, seqlens, l_max, 
 
 
 @needs_kernel
+def test_triton_decode_unstacked_variant(monkeypatch):
+    """``PARALLAX_DECODE_STACK=0`` (two GEMMs per product instead of the stacked [q; r] tile)."""
+    monkeypatch.setattr(td, "STACK", False)
+    c = make_case(8, 2, 4, 2, 2, 32, [40, 9], 48, block_size=8)
+    out = _call(_kernel, c, True, window_size=12, num_splits=3)
+    assert _rel(out, oracle(c, 12)) <= 1e-5
+
+
+@needs_kernel
 def test_triton_decode_splits_agree_and_r_zero_is_softmax():
     """Every split count gives the same output (the merge is exact), and ``r = 0`` is softmax."""
     c = make_case(2, 2, 4, 2, 1, 32, [70, 23], 70)

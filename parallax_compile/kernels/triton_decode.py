@@ -54,7 +54,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Fill fresh allocations with NaN, so an element the kernels forget to write cannot pass a test.
 POISON = os.environ.get("PARALLAX_TRITON_POISON", "0") not in ("", "0")
 MAX_HEAD_DIM = 256
-MAX_GROUP_ROWS = 64  # G * Lq rows per program (q rows; the tile holds twice that)
+MAX_GROUP_ROWS = 64
+# `PARALLAX_DECODE_STACK=0`: two GEMMs per product (q K^T and r K^T; p V and (p*g) V) on the same
+# K/V registers instead of one GEMM on the stacked [q; r] tile (same HBM traffic; a fallback and a
+# comparison point for the benchmark).
+STACK = os.environ.get("PARALLAX_DECODE_STACK", "1") not in ("", "0")  # G * Lq rows per program (q rows; the tile holds twice that)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -97,7 +101,8 @@ def _unstack(x, BM: tl.constexpr, X: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(x, (2, BM, X)), (1, 2, 0)))
 
 
-@triton.autotune(configs=_configs(), key=["D", "DV", "G", "LQ", "PAGED", "SPLIT"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["D", "DV", "G", "LQ", "PAGED", "SPLIT", "STACK", "TILES"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def parallax_decode_fwd_kernel(
     q, r, k, v, block_table, cache_seqlens, o, part_m, part_d1, part_d2, part_o1, part_o2,
@@ -106,11 +111,11 @@ def parallax_decode_fwd_kernel(
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    stride_bt, page_size, chunk, num_splits, qk_scale, WINDOW,
+    stride_bt, page_size, chunk, num_splits, qk_scale, WINDOW, TILES,
     G: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, STACK: tl.constexpr,
 ):
     """Grid ``(num_splits, Hkv, B)``. Writes ``o`` (one split) or the partials (several)."""
     i_s, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -131,7 +136,8 @@ def parallax_decode_fwd_kernel(
     p_r = r + i_b64 * stride_rb + o_h64[:, None] * stride_rh + o_i[:, None] * stride_rl + o_d[None, :]
     b_q = tl.load(p_q, mask=m_qd, other=0.0)  # [BM, BD]
     b_r = tl.load(p_r, mask=m_qd, other=0.0)  # [BM, BD]
-    b_qr = _stack(b_q, b_r, BLOCK_M, BLOCK_D)  # [2BM, BD]: [q; r]
+    if STACK:
+        b_qr = _stack(b_q, b_r, BLOCK_M, BLOCK_D)  # [2BM, BD]: [q; r]
 
     # keys this split visits: [lo, hi) of the sequence, cut to [i_s * chunk, (i_s + 1) * chunk)
     lo = 0
@@ -144,7 +150,9 @@ def parallax_decode_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_d1 = tl.zeros([BLOCK_M], tl.float32)
     b_d2 = tl.zeros([BLOCK_M], tl.float32)
-    b_o = tl.zeros([2 * BLOCK_M, BLOCK_DV], tl.float32)  # [O1; O2]
+    b_o = tl.zeros([2 * BLOCK_M, BLOCK_DV], tl.float32)  # [O1; O2] (STACK)
+    b_o1 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # O1, O2 (not STACK)
+    b_o2 = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     p_kh = k + i_hk64 * stride_kh
     p_vh = v + i_hk64 * stride_vh
@@ -162,8 +170,12 @@ def parallax_decode_fwd_kernel(
             p_v = p_vh + i_b64 * stride_vb + o_n64[:, None] * stride_vl + o_dv[None, :]
         b_k = tl.load(p_k, mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)  # [BN, BD]
         b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv < DV)[None, :], other=0.0)  # [BN, BDV]
-        b_x = _dot(b_qr, tl.trans(b_k), None, PREC, UPCAST)  # [2BM, BN]: [q K^T; r K^T]
-        b_s, b_g = _unstack(b_x, BLOCK_M, BLOCK_N)  # logits (raw), probe scores (never scaled)
+        if STACK:
+            b_x = _dot(b_qr, tl.trans(b_k), None, PREC, UPCAST)  # [2BM, BN]: [q K^T; r K^T]
+            b_s, b_g = _unstack(b_x, BLOCK_M, BLOCK_N)  # logits (raw), probe scores (never scaled)
+        else:
+            b_s = _dot(b_q, tl.trans(b_k), None, PREC, UPCAST)  # [BM, BN]
+            b_g = _dot(b_r, tl.trans(b_k), None, PREC, UPCAST)  # [BM, BN]
         keep = m_t[:, None] & m_n[None, :] & (o_n[None, :] <= b_pos[:, None])
         if HAS_WINDOW:
             keep = keep & (o_n[None, :] > b_pos[:, None] - WINDOW)
@@ -175,12 +187,17 @@ def parallax_decode_fwd_kernel(
         b_pg = b_p * b_g
         b_d1 = b_d1 * b_alpha + tl.sum(b_p, 1)
         b_d2 = b_d2 * b_alpha + tl.sum(b_pg, 1)
-        b_pp = _stack(b_p, b_pg, BLOCK_M, BLOCK_N).to(b_v.dtype)  # [2BM, BN]: [p; p*g]
-        b_a2 = _stack1(b_alpha, b_alpha, BLOCK_M)
-        b_o = _dot(b_pp, b_v, b_o * b_a2[:, None], PREC, UPCAST)  # [2BM, BDV]
+        if STACK:
+            b_pp = _stack(b_p, b_pg, BLOCK_M, BLOCK_N).to(b_v.dtype)  # [2BM, BN]: [p; p*g]
+            b_a2 = _stack1(b_alpha, b_alpha, BLOCK_M)
+            b_o = _dot(b_pp, b_v, b_o * b_a2[:, None], PREC, UPCAST)  # [2BM, BDV]
+        else:
+            b_o1 = _dot(b_p.to(b_v.dtype), b_v, b_o1 * b_alpha[:, None], PREC, UPCAST)
+            b_o2 = _dot(b_pg.to(b_v.dtype), b_v, b_o2 * b_alpha[:, None], PREC, UPCAST)
         b_m = b_mnew
 
-    b_o1, b_o2 = _unstack(b_o, BLOCK_M, BLOCK_DV)  # [BM, BDV] each
+    if STACK:
+        b_o1, b_o2 = _unstack(b_o, BLOCK_M, BLOCK_DV)  # [BM, BDV] each
     if SPLIT:
         o_row = (i_b64 * tl.num_programs(1) + i_hk64) * (G * LQ) + o_t  # row of [B, Hq, Lq] (flat)
         o_p = o_row * num_splits + i_s
@@ -289,7 +306,8 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     splits = num_splits or pick_num_splits(b, hkv, l_max, block_n, _sm_count(q.device))
     chunk = triton.cdiv(triton.cdiv(max(l_max, 1), splits), block_n) * block_n
     splits = max(1, triton.cdiv(max(l_max, 1), chunk))  # no split starts past L_max
-    block_m = max(8, triton.next_power_of_2(g * lq))
+    stack = STACK
+    block_m = max(8 if stack else 16, triton.next_power_of_2(g * lq))
     split = splits > 1
     if split:
         rows = b * hq * lq
@@ -310,10 +328,11 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
         out.stride(0), out.stride(1), out.stride(2),
         bt.stride(0) if paged else 0, k_cache.shape[2] if paged else 1, chunk, splits,
         scale * LOG2E, window_size if window_size is not None else 0,
+        min(64, triton.next_power_of_2(chunk // block_n)),
         G=g, LQ=lq, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(d), BLOCK_DV=_block(dv),
         HAS_WINDOW=window_size is not None, PAGED=paged, SPLIT=split,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, STACK=stack,
     )
     if split:
         parallax_decode_merge_kernel[(b * hq * lq,)](

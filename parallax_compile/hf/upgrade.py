@@ -1,0 +1,240 @@
+"""Upgrade a transformers model in place to Parallax attention: it stays that transformers model
+(``generate()``, padding, KV cache, ``save_pretrained``).
+
+1. **Find** (the graph passes): ``torch.export`` the model on example inputs, match the attention
+   sites and walk each site's query chain back to its projection
+   (:func:`parallax_compile.convert.prepare_sites`). A site is upgraded when its owning module has
+   that projection as an ``nn.Linear`` child producing exactly the query heads (a fused QKV
+   projection is skipped with its reason).
+2. **Upgrade** (module level, no graph): each owning module gets a zero ``r_proj =
+   nn.Linear(in, Hq * D, bias=False)`` and a forward hook on its query projection that appends
+   ``r_proj(x)`` to the projection's output, so the module's own query chain (head reshape, per-head
+   norm, rotary embedding) produces ``[q; r]``; the model switches to the ``parallax`` attention
+   implementation (:mod:`parallax_compile.hf.attention`). ``config.parallax_probes`` lists the
+   owners, so :func:`from_pretrained` can rebuild the probes.
+3. **Verify**: at ``W_R = 0`` the model's outputs equal the original's on the example inputs
+   (non-padding positions, :data:`parallax_compile.convert.TOLERANCE`), every owner's attention ran
+   through the Parallax function, and the probes' gradients are finite. Otherwise everything is
+   undone and ``RuntimeError`` says why.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.utils import _pytree as pytree
+
+from ..convert import TOLERANCE, ConversionInfo, relative_error, weights_digest
+from . import attention
+
+__all__ = ["add_probes", "find_probe_sites", "from_pretrained", "is_hf_model", "remove_probes", "upgrade"]
+
+
+def is_hf_model(model) -> bool:
+    """A transformers ``PreTrainedModel`` that dispatches attention through ``AttentionInterface``."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel) and bool(getattr(model, "_supports_attention_backend", False))
+
+
+def find_probe_sites(model, example_inputs, *, dynamic_dims=None):
+    """``(sites, plan, capture)``: every attention site the graph passes find, each marked
+    rewritable or skipped with its reason, and ``plan = {owner path: query projection path}`` for
+    the upgradable ones."""
+    from ..convert import prepare_sites
+    from ..passes.capture import capture
+
+    cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=False)
+    sites, chains, _ = prepare_sites(cap)
+    plan = {}
+    for site in sites:
+        chain = chains.get(id(site))
+        if chain is None:
+            continue
+        proj_path = chain.weight.rsplit(".", 1)[0]
+        owner = site.module_path
+        try:
+            proj = model.get_submodule(proj_path)
+        except AttributeError:
+            proj = None
+        if not isinstance(proj, torch.nn.Linear) or proj_path.rsplit(".", 1)[0] != owner:
+            site.skip(f"the query projection `{proj_path}` is not an nn.Linear child of `{owner}`")
+        elif chain.out_features != chain.fused_width or chain.offset != 0:
+            site.skip(f"`{proj_path}` is a fused QKV projection; the module-level upgrade needs a "
+                      "query-only projection")
+        elif owner in plan:
+            site.skip(f"`{owner}` has several attention sites")
+        else:
+            plan[owner] = proj_path
+            site.rewritable, site.reason = True, None
+            site.probe = f"{owner}.r_proj.weight"
+    return sites, plan, cap
+
+
+def _append_probe(owner, _module, args, out):
+    return torch.cat([out, F.linear(args[0], owner.r_proj.weight)], dim=-1)
+
+
+def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q_proj") -> None:
+    """Give each owner module (path) a zero ``r_proj`` shaped like its query projection (no bias)
+    and the hook that stacks ``r`` behind ``q``; switch the model to ``parallax`` attention and
+    record the owners in ``config.parallax_probes`` (``{owner: projection attribute}``)."""
+    attention.register()
+    names = {}
+    for owner_path in owners:
+        owner = model.get_submodule(owner_path)
+        name = proj_name[owner_path].rsplit(".", 1)[-1] if isinstance(proj_name, dict) else proj_name
+        proj = getattr(owner, name)
+        if not hasattr(owner, "r_proj"):
+            owner.r_proj = torch.nn.Linear(proj.in_features, proj.out_features, bias=False,
+                                           device=proj.weight.device, dtype=proj.weight.dtype)
+            torch.nn.init.zeros_(owner.r_proj.weight)
+        owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
+        owner.parallax_probe = True
+        names[owner_path] = name
+    model.config.parallax_probes = names
+    model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+
+
+def remove_probes(model, owners, previous_impl: str) -> None:
+    """Undo :func:`add_probes`."""
+    for owner_path in owners:
+        owner = model.get_submodule(owner_path)
+        hook = getattr(owner, "_parallax_hook", None)
+        if hook is not None:
+            hook.remove()
+            del owner._parallax_hook
+        for attr in ("r_proj", "parallax_probe"):
+            if hasattr(owner, attr):
+                delattr(owner, attr)
+    if hasattr(model.config, "parallax_probes"):
+        del model.config.parallax_probes
+    model.set_attn_implementation(previous_impl)
+
+
+def _split(example_inputs):
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+def _max_error(new, ref, valid) -> tuple[float, bool]:
+    worst, ok = 0.0, True
+    for a, b in zip(pytree.tree_leaves(new), pytree.tree_leaves(ref)):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            err = relative_error(a, b, valid)
+            worst, ok = max(worst, err), ok and err <= TOLERANCE.get(b.dtype, 1e-5)
+    return worst, ok
+
+
+def _outputs(out):
+    """The tensors to compare: logits / last hidden state (not the KV cache object)."""
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out
+
+
+def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -> ConversionInfo:
+    """Upgrade ``model`` (a transformers model, eval mode, ``sdpa`` or ``eager`` attention) in place
+    to Parallax attention with zero probes and verify it (module docstring). Returns the report
+    (``sites``, ``max_output_error``, ``reference_outputs``). Raises ``TypeError`` for a model that
+    does not use transformers' ``AttentionInterface``, ``RuntimeError`` when no site can be upgraded
+    or the check fails (the model is then left as it was)."""
+    if not is_hf_model(model):
+        raise TypeError(f"{type(model).__name__} is not a transformers model that uses AttentionInterface")
+    sites, plan, cap = find_probe_sites(model, example_inputs, dynamic_dims=dynamic_dims)
+    if not plan:
+        reasons = "; ".join(sorted({s.reason for s in sites if s.reason})) or "no attention found"
+        raise RuntimeError(f"no attention site of {type(model).__name__} can be upgraded: {reasons}")
+    args, kwargs = _split(example_inputs)
+    with torch.no_grad():
+        ref = _outputs(model(*args, **kwargs))
+    previous = model.config._attn_implementation
+    owners = list(plan)
+    add_probes(model, owners, proj_name=plan)
+    try:
+        attention.CALLS.clear()
+        attention.RECORD = True
+        try:
+            out = _outputs(model(*args, **kwargs))
+        finally:
+            attention.RECORD = False
+        missing = [o for o in owners if attention.CALLS.get(id(model.get_submodule(o)), 0) == 0]
+        if missing:
+            raise RuntimeError(f"the attention of {missing} did not run through the parallax implementation")
+        worst, ok = _max_error(out, ref, valid_positions)
+        if not ok:
+            raise RuntimeError(f"the model's outputs changed by {worst:.2e} (relative) at W_R = 0")
+        probes = [model.get_submodule(o).r_proj.weight for o in owners]
+        floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if floats:
+            gen = torch.Generator().manual_seed(0)
+            loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype)).sum() for t in floats)
+            grads = torch.autograd.grad(loss, probes, allow_unused=True)
+            bad = [o for o, g in zip(owners, grads) if g is None or not bool(torch.isfinite(g).all())]
+            if bad:
+                raise RuntimeError(f"the probe gradient of {bad} is missing or not finite at W_R = 0")
+    except Exception:
+        remove_probes(model, owners, previous)
+        raise
+    for s in sites:
+        if s.rewritable:
+            s.max_error = worst
+    return ConversionInfo(sites=sites, dynamic=False, note=cap.note, max_output_error=worst,
+                          reference_outputs=ref.detach(), weights_digest=weights_digest(model),
+                          example_args=args, example_kwargs=kwargs)
+
+
+def _probe_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key in names:
+                    found[key] = fh.get_tensor(key)
+    return found
+
+
+def from_pretrained(path, *, auto_class: str = "AutoModelForCausalLM", **kwargs):
+    """Load a model saved after :func:`upgrade` (``save_pretrained``): the transformers model with
+    ``attn_implementation="parallax"``, its probes rebuilt from ``config.parallax_probes`` and their
+    weights read from the checkpoint. ``kwargs`` go to ``from_pretrained`` (``dtype``,
+    ``device_map``...). Raises ``ValueError`` when the directory holds no Parallax model."""
+    import transformers
+
+    attention.register()
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    probes = getattr(config, "parallax_probes", None)
+    if not probes:
+        raise ValueError(f"{path} is not a Parallax model: its config.json has no `parallax_probes`")
+    kwargs.setdefault("attn_implementation", attention.ATTN_IMPLEMENTATION)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the probes are "unexpected keys" to the plain class: loaded below
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    add_probes(model, list(probes), proj_name=dict(probes))
+    names = {f"{o}.r_proj.weight" for o in probes}
+    tensors = _probe_tensors(path, names)
+    if set(tensors) != names:
+        raise ValueError(f"{path}: probe weights missing from the checkpoint: {sorted(names - set(tensors))}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = model.get_parameter(name)
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+    return model
