@@ -64,7 +64,13 @@ def sites_table(sites, title: str) -> Table:
         heads = f"{_fmt(s.num_heads)} / {_fmt(s.num_kv_heads)}"
         status = f"[green]rewritten[/] ({s.max_error:.1e})" if s.rewritable and s.max_error is not None else (
             "[green]rewritten[/]" if s.rewritable else f"[yellow]skipped[/]: {s.reason}")
-        table.add_row(str(i), s.module_path or "(root)", s.form, heads, _fmt(s.head_dim), _fmt(s.scale),
+        form = s.form
+        if s.ridge is not None:  # LLA: lambda (and CG iterations); converted approximately
+            form += f" (lambda={s.ridge:g}" + (f", {s.cg_iterations} CG iters)" if s.cg_iterations else ")")
+            if s.rewritable and s.fit:
+                status = (f"[cyan]approximate[/] ({s.fit['probe_init']} probe; held-out error "
+                          f"{s.max_error:.1e}, at W_R = 0 {s.fit['output_error_zero']:.1e})")
+        table.add_row(str(i), s.module_path or "(root)", form, heads, _fmt(s.head_dim), _fmt(s.scale),
                       s.mask if not s.causal or s.mask != "none" else "causal", s.gqa,
                       " > ".join(s.query_chain) or "-", status)
     return table
@@ -109,8 +115,11 @@ def inspect(model: str, seq_len, batch_size, as_json: bool) -> None:
 
     loaded = _load(model, seq_len, batch_size)
     with err.status("Capturing with torch.export and matching attention ..."):
+        from .calibrate import text_calibration
+
         _, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
-                       valid_positions=loaded.valid_positions)
+                       valid_positions=loaded.valid_positions,
+                       calibration=lambda: text_calibration(loaded.example_inputs))
     if as_json:
         import json
 
@@ -126,9 +135,19 @@ def inspect(model: str, seq_len, batch_size, as_json: bool) -> None:
               help="Directory to write the converted model to.")
 @seq_opt
 @batch_opt
+@click.option("--probe", type=click.Choice(["linear", "gated"]), default="linear", show_default=True,
+              help="Probe per site: r = W_R x, or the gated ablation r = sigmoid(w_g . x) * W_R x (one gate per head).")
+@click.option("--probe-init", type=click.Choice(["calibrated", "zero"]), default="calibrated", show_default=True,
+              help="LLA sites (approximate): fit W_R to LLA's solved probe on calibration text, or start at 0.")
+@click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text for the LLA calibration (as byte ids; default: built-in prose).")
 @_friendly
-def convert(model: str, output: Path, seq_len, batch_size) -> None:
-    """Convert MODEL to Parallax attention, verify it and save it to OUTPUT."""
+def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, calibration_text) -> None:
+    """Convert MODEL to Parallax attention, verify it and save it to OUTPUT.
+
+    Softmax attention sites are converted exactly (checked at W_R = 0). Local Linear Attention
+    sites are converted approximately (a learned probe replaces the per-query solve) and reported
+    with their fit error."""
     from .convert import run_conversion
     from .saving import save
 
@@ -136,8 +155,13 @@ def convert(model: str, output: Path, seq_len, batch_size) -> None:
     if type(loaded.model).__module__.startswith("transformers.") and getattr(loaded.model, "can_generate", bool)():
         return _convert_hf_causal_lm(model, loaded, output)
     with err.status("Converting (capture, match, rewrite, verify) ..."):
+        from .calibrate import text_calibration
+
+        text = calibration_text.read_text(encoding="utf-8") if calibration_text else None
+        calibration = lambda: text_calibration(loaded.example_inputs, text)  # noqa: E731 - only if LLA sites
         gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
-                        valid_positions=loaded.valid_positions)
+                        valid_positions=loaded.valid_positions, probe=probe, probe_init=probe_init,
+                        calibration=calibration)
     console.print(sites_table(info.sites, f"{model}: conversion"))
     console.print(_summary(info))
     if not info.rewritten:
@@ -145,6 +169,11 @@ def convert(model: str, output: Path, seq_len, batch_size) -> None:
     with err.status(f"Saving to {output} ..."):
         save(gm, output, source=loaded.spec)
     console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
+    if info.approximate:
+        console.print(f"[cyan]approximate[/]: {len(info.approximate)} LLA site(s) converted with a {probe_init} probe "
+                      f"(Parallax equals LLA only with the per-query solved probe); model outputs vs the LLA "
+                      f"model: relative RMS error {info.lla_output_error:.2e} (at W_R = 0: "
+                      f"{info.lla_output_error_zero:.2e}). Fine-tune to close the gap.")
     console.print(f"saved to {output}  (check it with: parallax-compile verify {output})")
 
 

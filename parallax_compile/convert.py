@@ -44,6 +44,17 @@ class ConversionInfo:
     example_args: tuple = field(default=(), repr=False)
     example_kwargs: dict = field(default_factory=dict, repr=False)
     dynamic_shapes: Any = field(default=None, repr=False)
+    lla_output_error: float | None = None
+    """Converted LLA sites only (approximate): relative RMS error ``||out - ref|| / ||ref||`` of the
+    model's outputs against the original, with the probes as initialised (``max_output_error``
+    covers the exact sites, with the LLA sites left as they were)."""
+    lla_output_error_zero: float | None = None
+    """The same with every LLA probe at zero, for comparison (what ``--probe-init zero`` gives)."""
+
+    @property
+    def approximate(self) -> list[AttentionSite]:
+        """Rewritten LLA sites: converted with a fitted (not an exact) probe."""
+        return [s for s in self.sites if s.rewritable and s.fit is not None]
 
     @property
     def rewritten(self) -> list[AttentionSite]:
@@ -151,8 +162,17 @@ def _revert(gm: fx.GraphModule, site: AttentionSite, new: dict, path: str, reaso
     site.skip(reason)
 
 
-def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=None, dynamic=True):
-    """Capture, match, rewrite and verify; returns ``(converted module, ConversionInfo)``."""
+def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=None, dynamic=True,
+                   probe="linear", probe_init="calibrated", calibration=None):
+    """Capture, match, rewrite and verify; returns ``(converted module, ConversionInfo)``.
+
+    ``probe``: ``"linear"`` (``r = W_R x``) or ``"gated"`` (``r = sigmoid(w_g . x) * W_R x``, one
+    gate per head). LLA sites (forms ``lla-solve`` / ``lla-cg``) are converted approximately: their
+    probe is fitted to LLA's solved probe (``probe_init="calibrated"``, on ``calibration`` inputs,
+    default the example inputs; see :mod:`parallax_compile.calibrate`) or zero, and ``site.fit``
+    reports the error instead of the exact W_R = 0 check."""
+    if probe not in ("linear", "gated"):
+        raise ValueError(f"probe must be 'linear' or 'gated', got {probe!r}")
     cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=dynamic)
     sites, chains, ref_out = _prepare(cap)
     gm, taken, added = cap.gm, set(), {}
@@ -161,7 +181,7 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         if chain is None:
             continue
         path = probe_path(gm, site.module_path, taken)
-        added[id(site)] = (rewrite_site(gm, site, chain, path), path)
+        added[id(site)] = (rewrite_site(gm, site, chain, path, probe=probe), path)
         site.probe = f"{path}.weight"
     gm.recompile()
     # 1. Each site on its own: the op's output vs the original attention on the same inputs; r == 0.
@@ -172,6 +192,8 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         if id(site) not in added:
             continue
         new, path = added[id(site)]
+        if site.ridge is not None:
+            continue  # LLA: approximate by nature; calibrated and reported below
         ref = values[site.nodes["out"]]
         err = relative_error(values[new["out"]], ref)
         site.max_error = err
@@ -184,19 +206,73 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         else:
             site.rewritable, site.reason = True, None
     gm.recompile()
-    # 2. The whole model, with gradients: outputs unchanged and finite probe gradients.
-    worst = _check_model(cap, gm, sites, added, ref_out, valid_positions)
+    # 2. The whole model, with gradients: outputs unchanged and finite probe gradients (LLA sites
+    # detoured to their original output meanwhile, and calibrated on the original activations).
+    lla = [s for s in sites if id(s) in added and s.ridge is not None]
+    for s in lla:
+        added[id(s)][0]["out"].replace_all_uses_with(s.nodes["out"])
+    gm.recompile()
+    worst = _check_model(cap, gm, [s for s in sites if s not in lla], added, ref_out, valid_positions)
+    lla_errors = _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration)
     gm.graph.eliminate_dead_code()  # only now: a revert needs the original attention nodes
     for site in sites:
         if id(site) in added and not site.rewritable:
             gm.delete_submodule(added[id(site)][1])
+            gm.delete_submodule(added[id(site)][1] + "_gate")
     gm.graph.lint()
     gm.recompile()
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
-                          reference_outputs=ref_out, weights_digest=weights_digest(gm))
+                          reference_outputs=ref_out, weights_digest=weights_digest(gm), **lla_errors)
     gm.meta["parallax"] = info
     return gm, info
+
+
+def _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration) -> dict:
+    """Calibrate the LLA sites' probes, route their users to the Parallax op again, and measure the
+    model's outputs with the probes as initialised and at zero. Sites whose recognised LLA does not
+    reproduce their output, or whose probe gradient is not finite, are reverted."""
+    from .calibrate import calibrate_lla_sites
+
+    if not lla:
+        return {}
+    rejected = calibrate_lla_sites(cap, gm, lla, added, chains, probe_init=probe_init, calibration=calibration)
+    for s in lla:
+        if id(s) in rejected:
+            s.probe = None
+            s.skip(rejected[id(s)])
+        else:
+            s.nodes["out"].replace_all_uses_with(added[id(s)][0]["out"])
+            s.rewritable, s.reason = True, None
+    gm.recompile()
+    live = [s for s in lla if s.rewritable]
+    if not live:
+        return {}
+    probes = {id(s): gm.get_parameter(s.probe) for s in live}
+    def rms_error(new):
+        pairs = [(a.detach().double(), b.double()) for a, b in zip(pytree.tree_leaves(new), pytree.tree_leaves(ref_out))
+                 if isinstance(b, torch.Tensor) and b.is_floating_point()]
+        den = sum(b.pow(2).sum() for _, b in pairs)
+        return math.sqrt(sum((a - b).pow(2).sum() for a, b in pairs) / max(float(den), 1e-300))
+
+    out = cap.run(gm)
+    err = rms_error(out)
+    floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(0)
+    loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype)).sum() for t in floats)
+    grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
+    for s, g in zip(live, grads):
+        if g is None or not bool(torch.isfinite(g).all()):
+            _revert(gm, s, added[id(s)][0], added[id(s)][1], "the probe's gradient is not finite")
+    saved = {k: p.detach().clone() for k, p in probes.items()}
+    with torch.no_grad():
+        for p in probes.values():
+            p.zero_()
+        err_zero = rms_error(cap.run(gm))
+        for k, p in probes.items():
+            p.copy_(saved[k])
+    gm.recompile()
+    return {"lla_output_error": err, "lla_output_error_zero": err_zero}
 
 
 def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
@@ -245,7 +321,8 @@ def find_attention(model: torch.nn.Module, example_inputs, *, dynamic_dims=None,
     return info.sites
 
 
-def convert(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_positions=None) -> fx.GraphModule:
+def convert(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_positions=None,
+            probe: str = "linear", probe_init: str = "calibrated", calibration=None) -> fx.GraphModule:
     """Rewrite every provably equivalent attention site of ``model`` into Parallax form.
 
     Returns a trainable ``torch.fx.GraphModule`` called like ``model`` (same inputs and output
@@ -255,6 +332,15 @@ def convert(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_
     :class:`ConversionInfo` with the per-site report. The converted module shares its existing
     parameters with ``model`` (no copy; pass ``copy.deepcopy(model)`` to keep the original apart).
     It runs the graph captured in eval mode: dropout layers stay inactive in ``.train()``.
+
+    Local Linear Attention sites (``site.form`` ``lla-solve`` / ``lla-cg``) are the exception to
+    "provably equivalent": Parallax reproduces LLA only with the per-query solved probe, so they are
+    converted *approximately*, with ``W_R`` fitted to that probe (``probe_init="calibrated"``, on
+    ``calibration``: a list of inputs or a callable returning one; default the example inputs) or
+    zero (``probe_init="zero"``: softmax attention). ``site.fit`` and
+    ``ConversionInfo.lla_output_error`` say by how much. ``probe="gated"`` adds a per-head gate
+    ``r = sigmoid(w_g . x) * W_R x`` (see :func:`~parallax_compile.passes.rewrite.rewrite_site`).
     """
-    gm, _ = run_conversion(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions)
+    gm, _ = run_conversion(model, example_inputs, dynamic_dims=dynamic_dims, valid_positions=valid_positions,
+                           probe=probe, probe_init=probe_init, calibration=calibration)
     return gm

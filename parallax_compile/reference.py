@@ -33,6 +33,9 @@ __all__ = [
     "effective_weights_ref",
     "lla_probe_ref",
     "lla_attention_ref",
+    "lla_cg_attention_ref",
+    "cross_covariance_ref",
+    "conjugate_gradient",
 ]
 
 
@@ -155,6 +158,27 @@ def parallax_attention_ref(
     return mu_v - correction
 
 
+def cross_covariance_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: int | None = None,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(mu_v [B, Hq, Lq, Dv], C_vk [B, Hq, Lq, Dv, D])`` with ``C_vk,i = sum_j s_ij (v_j - mu_v_i)(k_j - mu_k_i)^T``
+    (SPEC section 2), so that Parallax's output is ``mu_v - C_vk @ r`` for any probe ``r``: a map
+    linear in ``r``, which is what fitting a probe needs. Materialises ``Dv x D`` per query."""
+    s, kr, vr, mu_k, mu_v = _moments(
+        q, k, v, scale=scale, causal=causal, window_size=window_size, attn_mask=attn_mask
+    )
+    vk = (vr[..., :, None] * kr[..., None, :]).flatten(-2)  # [B, H, Lk, Dv*D]
+    c_vk = (s @ vk).unflatten(-1, (vr.shape[-1], kr.shape[-1])) - mu_v[..., :, None] * mu_k[..., None, :]
+    return mu_v, c_vk
+
+
 def effective_weights_ref(
     q: Tensor,
     r: Tensor,
@@ -185,14 +209,41 @@ def lla_probe_ref(
     causal: bool = False,
     window_size: int | None = None,
     attn_mask: Tensor | None = None,
+    cg_iters: int | None = None,
 ) -> Tensor:
-    """LLA's solved probe ``rho_i = (C_kk,i + ridge I)^-1 (mu_k_i - q_i)`` (SPEC section 2). ``[B, Hq, Lq, D]``."""
+    """LLA's solved probe ``rho_i = (C_kk,i + ridge I)^-1 (mu_k_i - q_i)`` (SPEC section 2). ``[B, Hq, Lq, D]``.
+
+    ``cg_iters=None`` solves exactly (``torch.linalg.solve``); ``cg_iters=n`` runs ``n`` steps of
+    :func:`conjugate_gradient` from 0 instead, as FlashLLA does (exact after ``D`` steps in exact
+    arithmetic).
+    """
     s, kr, _, mu_k, _ = _moments(
         q, k, k, scale=scale, causal=causal, window_size=window_size, attn_mask=attn_mask
     )
     c_kk = torch.einsum("bhij,bhjd,bhje->bhide", s, kr, kr) - mu_k[..., :, None] * mu_k[..., None, :]
+    if cg_iters is not None:
+        return conjugate_gradient(lambda p: (c_kk @ p[..., None]).squeeze(-1) + ridge * p, mu_k - q, cg_iters)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     return torch.linalg.solve(c_kk + ridge * eye, (mu_k - q)[..., None]).squeeze(-1)
+
+
+def conjugate_gradient(matvec, b: Tensor, iters: int) -> Tensor:
+    """``iters`` conjugate-gradient steps for ``A x = b`` from ``x = 0`` over the last dim of ``b``
+    (``A`` symmetric positive definite, given as ``matvec(p) = A p``). A converged row stays put
+    (its step sizes are 0, never NaN)."""
+    x = torch.zeros_like(b)
+    res, p = b, b
+    rs = (res * res).sum(-1, keepdim=True)
+    for _ in range(iters):
+        ap = matvec(p)
+        pap = (p * ap).sum(-1, keepdim=True)
+        alpha = torch.where(pap > 0, rs / torch.where(pap > 0, pap, 1), 0)
+        x = x + alpha * p
+        res = res - alpha * ap
+        rs_new = (res * res).sum(-1, keepdim=True)
+        p = res + torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0) * p
+        rs = rs_new
+    return x
 
 
 def lla_attention_ref(
@@ -230,3 +281,25 @@ def lla_attention_ref(
     gram = torch.where(empty, torch.eye(gram.shape[-1], dtype=q.dtype, device=q.device), gram)
     beta = torch.linalg.solve(gram + torch.diag(pen), rhs)
     return beta[..., 0, :]
+
+
+def lla_cg_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    ridge: float,
+    cg_iters: int,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: int | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """LLA with the solve replaced by ``cg_iters`` conjugate-gradient steps (FlashLLA's form):
+    ``parallax_attention_ref(q, rho_cg, k, v)`` with ``rho_cg = lla_probe_ref(..., cg_iters=cg_iters)``
+    (SPEC section 2: the intercept output with probe ``rho`` is Parallax's formula). Converges to
+    :func:`lla_attention_ref` as ``cg_iters`` grows (exact at ``cg_iters >= D`` up to rounding).
+    """
+    kw = dict(scale=scale, causal=causal, window_size=window_size, attn_mask=attn_mask)
+    rho = lla_probe_ref(q, k, ridge=ridge, cg_iters=cg_iters, **kw)
+    return parallax_attention_ref(q, rho, k, v, **kw)

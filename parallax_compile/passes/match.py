@@ -445,9 +445,15 @@ def describe_mask(terms: list[MaskTerm], causal: bool) -> str:
 
 def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """Every attention site of ``gm`` in graph order, each either matched or skipped with a reason."""
+    from .lla import find_lla_sites  # LLA sites own their softmax (its weights feed a solve)
+
+    lla = {s.nodes.get("softmax"): s for s in find_lla_sites(gm)}
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
+            continue
+        if node in lla:
+            sites.append(lla.pop(node))
             continue
         try:
             if node.target is SDPA:
@@ -464,7 +470,7 @@ def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
                 site.num_heads = shp[1]
             site.nodes = {"out": node}
             sites.append(site.skip(str(why)))
-    return sites
+    return sites + list(lla.values())
 
 
 __all__ = ["find_sites", "unrepeat", "const_value", "shape_of", "val", "describe_mask"]

@@ -88,18 +88,35 @@ def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> 
     return keep if keep is not None else add
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, path: str) -> dict[str, fx.Node]:
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, path: str,
+                 probe: str = "linear") -> dict[str, fx.Node]:
     """Insert the probe, the replayed chain and the op before the site's output; reroute its users.
-    Returns the new nodes (``r``, ``out``) so the caller can verify them."""
+    Returns the new nodes (``r``, ``out``) so the caller can verify them.
+
+    ``probe="gated"`` (the paper's gated ablation): ``r = sigmoid(w_g . x) * W_R x`` with one gate
+    per query head, ``w_g`` an ``nn.Linear(in_features, num_heads, bias=False)`` registered as
+    ``<path>_gate`` and initialised to zero (gate 0.5; ``W_R = 0`` still gives ``r = 0``). Needs
+    the query block to be ``num_heads`` contiguous groups of features; otherwise the plain probe
+    is used and ``site.probe`` names no gate."""
     graph = gm.graph
     out = site.nodes["out"]
     w_q = _fetch(gm, chain.weight)
-    probe = torch.nn.Linear(chain.in_features, chain.out_features, bias=False, device=w_q.device, dtype=w_q.dtype)
-    torch.nn.init.zeros_(probe.weight)
-    gm.add_submodule(path, probe)
+    w_r = torch.nn.Linear(chain.in_features, chain.out_features, bias=False, device=w_q.device, dtype=w_q.dtype)
+    torch.nn.init.zeros_(w_r.weight)
+    gm.add_submodule(path, w_r)
     with graph.inserting_before(out):
         w = graph.get_attr(f"{path}.weight")
         r = _call(graph, aten.linear.default, chain.x, w)
+        heads = site.num_heads
+        if probe == "gated" and isinstance(heads, int) and heads > 0 and chain.out_features % heads == 0:
+            gate = torch.nn.Linear(chain.in_features, heads, bias=False, device=w_q.device, dtype=w_q.dtype)
+            torch.nn.init.zeros_(gate.weight)
+            gm.add_submodule(f"{path}_gate", gate)
+            g = _call(graph, aten.sigmoid.default,
+                      _call(graph, aten.linear.default, chain.x, graph.get_attr(f"{path}_gate.weight")))
+            r = _call(graph, aten.unflatten.int, r, -1, [heads, chain.out_features // heads])
+            r = _call(graph, aten.flatten.using_ints, _call(graph, aten.mul.Tensor, r, _call(
+                graph, aten.unsqueeze.default, g, -1)), -2)
         if chain.out_features != chain.fused_width:
             pad = [chain.offset, chain.fused_width - chain.offset - chain.out_features]
             r = _call(graph, aten.constant_pad_nd.default, r, pad)

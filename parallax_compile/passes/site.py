@@ -56,11 +56,21 @@ class AttentionSite:
     """State-dict name of the probe weight ``W_R``, e.g. ``model.layers.0.self_attn.r_proj.weight``."""
     max_error: float | None = None
     """Max abs error of the site's output at ``W_R = 0``, relative to the output's max abs value."""
+    ridge: float | None = None
+    """LLA sites only (form ``lla-solve`` / ``lla-cg``): the ridge ``lambda`` read from the graph."""
+    cg_iterations: int | None = None
+    """``lla-cg`` sites: the conjugate-gradient iterations unrolled in the graph."""
+    fit: dict[str, Any] | None = None
+    """LLA sites only: the conversion is approximate; the calibrated probe's fit report
+    (:func:`parallax_compile.calibrate.fit_lla_probe`: ``probe_init``, relative errors of ``rho``
+    and of the site output on held-out tokens, calibrated and at ``W_R = 0``)."""
     nodes: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     mask_terms: list[MaskTerm] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def status(self) -> str:
+        if self.rewritable and self.fit is not None:
+            return f"rewritten approximately (LLA, {self.fit.get('probe_init')} probe)"
         return "rewritten" if self.rewritable else f"skipped: {self.reason}"
 
     def skip(self, reason: str) -> AttentionSite:
@@ -70,7 +80,7 @@ class AttentionSite:
     def as_dict(self) -> dict[str, Any]:
         keys = (
             "module_path", "form", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "mask",
-            "gqa", "query_chain", "rewritable", "reason", "probe", "max_error",
+            "gqa", "query_chain", "rewritable", "reason", "probe", "max_error", "ridge", "cg_iterations", "fit",
         )
         return {k: getattr(self, k) for k in keys}
 

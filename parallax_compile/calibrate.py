@@ -1,0 +1,334 @@
+"""Calibrated probes for LLA sites: start ``W_R`` where the solve was, not at zero (SPEC section 2).
+
+With the solved probe ``rho_i = (C_kk,i + lambda I)^-1 (mu_k,i - q_i)`` Parallax's output
+``mu_v - C_vk rho`` *is* LLA's, exactly. A learned probe ``r_i = W_R x_i`` can only approximate
+``rho_i`` (it sees the block input ``x_i``, not the context statistics), so converting an LLA site
+is approximate by nature. :func:`fit_lla_probe` chooses ``W_R`` by ridge least squares,
+
+    W_R = argmin_W  sum_i ||W x_i - rho_i||^2 + alpha ||W||_F^2,   alpha = probe_ridge * tr(X^T X) / d_in,
+
+on calibration tokens (every query head at once: the rows of ``W_R`` are the heads' features),
+and reports on *held-out* tokens the relative RMS error ``||a - b|| / ||b||`` of ``rho`` and of the
+site's output (calibrated, and at ``W_R = 0`` for comparison). :func:`calibrate_lla_sites` does
+this for the sites of a conversion (called by :func:`parallax_compile.convert.run_conversion`).
+
+Calibration data: a list of model inputs (same structure as the example inputs) or a callable
+returning one; :func:`token_batches` cuts a token stream (e.g. the bytes of a text file, or the
+package's built-in prose) into such inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, fx
+from torch.utils import _pytree as pytree
+
+from .passes.capture import Capture, _split_inputs
+from .reference import cross_covariance_ref, lla_probe_ref
+
+__all__ = ["PROBE_INITS", "calibrate_lla_sites", "fit_lla_probe", "text_calibration", "token_batches",
+           "LLA_MATCH_TOLERANCE"]
+
+PROBE_INITS = ("calibrated", "zero")
+LLA_MATCH_TOLERANCE = 5e-2
+"""Max relative RMS difference between a site's output and float64 LLA with the ``lambda`` read
+from the graph; above it the site is not converted (the recognition is not trusted)."""
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def fit_lla_probe(x: Tensor, rho: Tensor, *, probe_ridge: float = 1e-3) -> Tensor:
+    """Ridge least-squares probe: ``x [N, d_in]`` block inputs, ``rho [N, F]`` targets (the solved
+    probes of every head, flattened in the query projection's feature order) -> ``W_R [F, d_in]``
+    in float64. ``probe_ridge`` scales the penalty relative to the mean eigenvalue of ``x^T x``."""
+    if x.dim() != 2 or rho.dim() != 2 or x.shape[0] != rho.shape[0]:
+        raise ValueError(f"fit_lla_probe: x must be [N, d_in] and rho [N, F] with the same N; got "
+                         f"{tuple(x.shape)} and {tuple(rho.shape)}")
+    x, rho = x.double(), rho.double()
+    gram = x.T @ x
+    alpha = probe_ridge * gram.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + alpha * eye, x.T @ rho).T
+
+
+def token_batches(example_inputs, tokens: Tensor, n_batches: int = 4) -> list:
+    """Calibration inputs cut from a 1-D token stream: copies of ``example_inputs`` whose single
+    2-D integer tensor (the token ids, ``[B, L]``) is replaced by consecutive windows of
+    ``tokens``. Raises ``ValueError`` when the inputs have no such tensor or ``tokens`` is too short."""
+    args, kwargs = _split_inputs(example_inputs)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    ids = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() == 2 and not t.is_floating_point()]
+    if len(ids) != 1:
+        raise ValueError("token_batches: the example inputs need exactly one 2-D integer tensor (token ids); "
+                         f"found {len(ids)}; pass calibration inputs yourself")
+    b, n = leaves[ids[0]].shape
+    if tokens.numel() < b * n:
+        raise ValueError(f"token_batches: need at least {b * n} tokens for one [{b}, {n}] batch, got {tokens.numel()}")
+    n_batches = min(n_batches, tokens.numel() // (b * n))
+    out = []
+    for j in range(n_batches):
+        new = list(leaves)
+        new[ids[0]] = tokens[j * b * n:(j + 1) * b * n].reshape(b, n).to(leaves[ids[0]])
+        a, k = pytree.tree_unflatten(new, spec)
+        out.append((tuple(a), dict(k)))
+    return out
+
+
+def text_calibration(example_inputs, text: str | None = None, n_tokens: int = 8192) -> list:
+    """Calibration inputs from real text as UTF-8 byte ids (byte-level models such as the built-in
+    ``lla`` / ``nanogpt``): about ``n_tokens`` tokens of ``text``, or by default of prose from
+    :mod:`parallax_compile.models.text` (Python's reference manual, always on disk), in batches
+    shaped like the example token ids (the last batch is held out). See :func:`token_batches`."""
+    args, kwargs = _split_inputs(example_inputs)
+    per_batch = sum(t.numel() for t in pytree.tree_leaves((args, kwargs))
+                    if isinstance(t, Tensor) and t.dim() == 2 and not t.is_floating_point())
+    n_batches = max(2, -(-n_tokens // max(per_batch, 1)))
+    if text is None:
+        from .models.text import sample_text
+
+        text = sample_text(max(per_batch, 1) * n_batches, seed=1234)
+    data = text.encode("utf-8")
+    if not data:
+        raise ValueError("text_calibration: the calibration text is empty")
+    return token_batches(example_inputs, torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), n_batches)
+
+
+class _Values(fx.Interpreter):
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def _record(gm, inputs, wanted) -> dict:
+    args, kwargs = _split_inputs(inputs)
+    rec = _Values(gm, set(wanted))
+    with torch.no_grad():
+        rec.run(*pytree.tree_leaves((args, kwargs)))
+    return rec.values
+
+
+def _merge(values: list[dict], held: list[Tensor]) -> tuple[list[dict], list[Tensor]]:
+    """One batch out of several recorded calibration inputs when their shapes agree (one op call
+    per fit step instead of one per input); rank < 3 values (a shared mask) must be equal."""
+    if len(values) < 2:
+        return values, held
+    merged = {}
+    for n, v0 in values[0].items():
+        vs = [vals[n] for vals in values]
+        if not all(isinstance(v, Tensor) and v.shape == v0.shape for v in vs):
+            return values, held
+        if v0.dim() >= 3 and not (v0.dim() == 4 and v0.shape[0] == 1 and v0.dtype == torch.bool):
+            merged[n] = torch.cat(vs)
+        elif all(torch.equal(v, v0) for v in vs):
+            merged[n] = v0
+        else:
+            return values, held
+    return [merged], [torch.cat(held)]
+
+
+def _op_node(out: fx.Node) -> fx.Node:
+    n = out
+    while n.target is not torch.ops.parallax.attention.default:
+        n = n.args[0]
+    return n
+
+
+def _held_out(values: list[dict], node) -> list[Tensor]:
+    """Bool ``[B, L]`` per calibration input: the held-out query positions (the last input when
+    there are several; else the second half of the rows, or every fourth position of a single row)."""
+    masks = []
+    for j, vals in enumerate(values):
+        b, lq = vals[node].shape[0], vals[node].shape[-2]
+        m = torch.zeros(b, lq, dtype=torch.bool)
+        if len(values) > 1:
+            m[:] = j == len(values) - 1
+        elif b > 1:
+            m[b // 2:] = True
+        else:
+            m[:, 3::4] = True
+        masks.append(m)
+    return masks
+
+
+def calibrate_lla_sites(cap: Capture, gm: fx.GraphModule, sites, added: dict, chains: dict, *,
+                        probe_init: str = "calibrated", calibration=None, probe_ridge: float = 1e-3,
+                        refine_steps: int = 30) -> dict[int, str]:
+    """Fit (or zero) the probe of every LLA site in ``sites`` and fill ``site.fit``.
+
+    ``gm`` must currently route each LLA site's users to its *original* output (so every site sees
+    the original model's activations); ``added[id(site)] = (new nodes, probe path)``. Returns
+    ``{id(site): reason}`` for the sites that must not be converted (the recognised LLA does not
+    reproduce the site's output). ``calibration``: ``None`` (the captured example inputs), a list
+    of inputs, or a callable returning one. ``refine_steps``: L-BFGS iterations of the output fit
+    that follows the least-squares fit (0: least squares only).
+    """
+    if probe_init not in PROBE_INITS:
+        raise ValueError(f"probe_init must be one of {PROBE_INITS}, got {probe_init!r}")
+    inputs = calibration() if callable(calibration) else calibration
+    inputs = list(inputs) if inputs is not None else [(cap.args, cap.kwargs)]
+    if not inputs:
+        raise ValueError("calibration: no calibration inputs")
+    ops = {id(s): _op_node(added[id(s)][0]["out"]) for s in sites}
+    wanted = set()
+    for s in sites:
+        op = ops[id(s)]
+        wanted |= {chains[id(s)].x, s.nodes["out"], *[a for a in op.args[:5] if isinstance(a, fx.Node)]}
+    values = [_record(gm, inp, wanted) for inp in inputs]
+    rejected = {}
+    for s in sites:
+        reason = _calibrate_site(gm, s, ops[id(s)], chains[id(s)], added[id(s)][1], values, inputs,
+                                 probe_init, probe_ridge, refine_steps)
+        if reason:
+            rejected[id(s)] = reason
+    return rejected
+
+
+def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe_ridge, refine_steps) -> str | None:
+    q_n, r_n, k_n, v_n, m_n = op.args[:5]
+    kw = _op_kw(op, site)
+    values, held = _merge(values, _held_out(values, q_n))
+    lla_err, rho_all, o_all, lin = [], [], [], []
+    for vals in values:
+        q, k = vals[q_n].double(), vals[k_n].double()
+        mask = vals[m_n] if isinstance(m_n, fx.Node) else None
+        mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+        rho = lla_probe_ref(q, k, ridge=site.ridge, attn_mask=mask, **kw)
+        mu_v, c_vk = cross_covariance_ref(q, k, vals[v_n].double(), attn_mask=mask, **kw)
+        o = _parallax(mu_v, c_vk, rho)
+        lla_err.append(_rel(o, vals[site.nodes["out"]].double().reshape(o.shape)))
+        rho_all.append(rho)
+        o_all.append(o)
+        lin.append((mu_v, c_vk))
+    match = max(lla_err)
+    fit: dict[str, Any] = {"probe_init": probe_init, "lla_match_error": match,
+                           "calibration_tokens": int(sum(h.numel() - h.sum() for h in held)),
+                           "held_out_tokens": int(sum(h.sum() for h in held))}
+    site.fit = fit
+    if not match <= LLA_MATCH_TOLERANCE:
+        return (f"the site's output differs from LLA with lambda={site.ridge:g} by {match:.2e} "
+                f"(relative RMS, above {LLA_MATCH_TOLERANCE:g}): not converted")
+    probe = gm.get_submodule(path)
+    gate = _gate(gm, path)
+    d_in = probe.weight.shape[1]
+    plain = _plain_head_split(gm, probe, gate, inputs[0], chain.x, q_n, r_n)
+    if not plain:
+        fit["note"] = ("calibration needs the probe to be a plain head split of the query projection "
+                       "(no rotary embedding or per-head norm on q); the probe starts at zero")
+        fit["probe_init"] = "zero"
+    xs, xs_fit, rho_fit, xs_held, rho_held = [], [], [], [], []
+    for vals, rho, h in zip(values, rho_all, held):
+        x = vals[chain.x].double().reshape(h.shape[0], h.shape[1], d_in)
+        tgt = rho.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)  # [B, L, H*D]: head-major features
+        xs.append(x)
+        xs_fit.append(x[~h]), rho_fit.append(tgt[~h]), xs_held.append(x[h]), rho_held.append(tgt[h])
+    w = None
+    if plain and probe_init == "calibrated":
+        w = fit_lla_probe(torch.cat(xs_fit), torch.cat(rho_fit), probe_ridge=probe_ridge)
+        fit["rho_error_least_squares"] = _rel(torch.cat(xs_held) @ w.T, torch.cat(rho_held))
+        fit["output_error_least_squares"] = _held_error(lin, held, xs, w, o_all)
+        if refine_steps:
+            w = _refine(lin, held, xs, w, o_all, refine_steps)
+        fit["rho_error_calibrated"] = _rel(torch.cat(xs_held) @ w.T, torch.cat(rho_held))
+    fit["rho_error_zero"] = 1.0
+    fit["output_error_zero"] = _held_error(lin, held, xs, None, o_all)
+    if w is not None:
+        fit["output_error_calibrated"] = _held_error(lin, held, xs, w, o_all)
+        if not fit["output_error_calibrated"] < fit["output_error_zero"]:
+            fit["note"] = "the calibrated probe did not beat W_R = 0 on held-out tokens; the probe starts at zero"
+            fit["probe_init"], w = "zero", None
+    site.max_error = fit["output_error_calibrated"] if w is not None else fit["output_error_zero"]
+    with torch.no_grad():
+        probe.weight.zero_()
+        if w is not None:
+            # With the gate at its initial value sigmoid(0) = 1/2, W_R = 2 W gives r = W x.
+            probe.weight.copy_((w * (2.0 if gate is not None else 1.0)).to(probe.weight))
+    return None
+
+
+def _gate(gm, path):
+    try:
+        return gm.get_submodule(f"{path}_gate")
+    except AttributeError:
+        return None
+
+
+def _plain_head_split(gm, probe, gate, inputs, x_n: fx.Node, q_n: fx.Node, r_n: fx.Node) -> bool:
+    """Whether the replayed chain maps ``W x`` to ``r`` by a plain head split (feature
+    ``h * D + d`` -> ``r[:, h, :, d]``; rotary embeddings or per-head norms are not), checked by
+    running the graph with a random ``W``."""
+    saved = probe.weight.detach().clone()
+    p = torch.randn(probe.weight.shape, generator=torch.Generator().manual_seed(0), dtype=probe.weight.dtype)
+    with torch.no_grad():
+        probe.weight.copy_(p)
+        try:
+            got = _record(gm, inputs, {r_n, x_n, q_n})
+        finally:
+            probe.weight.copy_(saved)
+    r, x, q = got[r_n], got[x_n], got[q_n]
+    if x.dim() != 3 or q.dim() != 4 or tuple(x.shape[:2]) != (q.shape[0], q.shape[2]):
+        return False
+    want = (0.5 if gate is not None else 1.0) * (x @ p.T)
+    want = want.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    return tuple(r.shape) == tuple(want.shape) and _rel(r.double(), want.double()) < 1e-4
+
+
+def _op_kw(op: fx.Node, site) -> dict:
+    return dict(scale=site.scale, causal=bool(op.args[6]), window_size=op.args[7])
+
+
+def _parallax(mu_v: Tensor, c_vk: Tensor, r: Tensor) -> Tensor:
+    """Parallax's output ``mu_v - C_vk r`` (SPEC section 2) from precomputed statistics."""
+    return mu_v - (c_vk @ r.unsqueeze(-1)).squeeze(-1)
+
+
+def _probe(x: Tensor, w: Tensor, c_vk: Tensor) -> Tensor:
+    """``r = W x`` as the op's ``[B, H, L, D]`` (head-major features, the plain head split)."""
+    b, h, lq, _, d = c_vk.shape
+    return (x @ w.T).reshape(b, lq, h, d).transpose(1, 2)
+
+
+def _refine(lin, held, xs, w0, o_ref, steps) -> Tensor:
+    """Minimise the site's output error on the calibration tokens over ``W`` (L-BFGS from the
+    least-squares fit; the output is linear in ``W``, so this is a convex least-squares problem):
+    least squares on ``rho`` weighs every direction alike, while the output sees ``r`` only
+    through ``C_vk``, which is largest exactly where the solve shrinks ``rho`` most."""
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    den = sum(o.transpose(1, 2)[~h].pow(2).sum() for o, h in zip(o_ref, held)).clamp_min(1e-300)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.0
+        for (mu_v, c_vk), h, x, o in zip(lin, held, xs, o_ref):
+            out = _parallax(mu_v, c_vk, _probe(x, w, c_vk))
+            loss = loss + (out - o).transpose(1, 2)[~h].pow(2).sum()
+        loss = loss / den
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def _held_error(lin, held, xs, w, o_ref) -> float:
+    """Relative RMS error of the site's output on held-out tokens with the probe ``r = W x`` (or
+    ``r = 0`` when ``w`` is None) against LLA, in float64 (the Parallax op matches this formula
+    within SPEC section 5's tolerances)."""
+    num, den = 0.0, 0.0
+    for (mu_v, c_vk), h, x, o in zip(lin, held, xs, o_ref):
+        out = mu_v if w is None else _parallax(mu_v, c_vk, _probe(x, w, c_vk))
+        a, b = out.transpose(1, 2)[h], o.transpose(1, 2)[h]
+        num += (a - b).pow(2).sum().item()
+        den += b.pow(2).sum().item()
+    return math.sqrt(num / max(den, 1e-300))
