@@ -115,31 +115,43 @@ def parallax_fwd(
     for i0 in range(0, lq, step):
         i1 = min(lq, i0 + step)
         qc, rc = qg[..., i0:i1, :].to(acc), rg[..., i0:i1, :].to(acc)
-        logits = _logits_block(
-            qc, kf.squeeze(2), _mask_block(attn_mask, hkv, hq, i0, i1),
+        o, mu, row_lse, c = forward_block(
+            qc, rc, kf, vf, _mask_block(attn_mask, hkv, hq, i0, i1),
             scale=scale, causal=causal, window_size=window_size, i0=i0, lq=lq, lk=lk,
         )
-        m = logits.amax(-1, keepdim=True)
-        empty = m == -math.inf
-        p = torch.exp(logits - torch.where(empty, torch.zeros_like(m), m))
-        del logits
-        g = torch.matmul(rc, kf.transpose(-1, -2))
-        pg = p * g
-        del g
-        d1 = p.sum(-1, keepdim=True)
-        d2 = pg.sum(-1, keepdim=True)
-        o1 = torch.matmul(p, vf)
-        del p
-        o2 = torch.matmul(pg, vf)
-        del pg
-        inv = torch.where(empty, torch.zeros_like(d1), 1.0 / torch.where(empty, torch.ones_like(d1), d1))
-        mu = o1 * inv
-        c = d2 * inv
-        og[..., i0:i1, :] = mu * (1 + c) - o2 * inv
+        og[..., i0:i1, :] = o
         mg[..., i0:i1, :] = mu
-        lse_g[..., i0:i1] = torch.where(empty, math.inf, m + torch.log(d1)).squeeze(-1)
-        c_g[..., i0:i1] = c.squeeze(-1)
+        lse_g[..., i0:i1] = row_lse
+        c_g[..., i0:i1] = c
     return out, mu_v, lse, c_out
+
+
+def forward_block(qc, rc, kf, vf, mask, *, scale, causal, window_size, i0, lq, lk):
+    """The forward of query rows ``[i0, i0 + C)`` in the grouped layout, in the inputs' dtype:
+    ``qc, rc [B, Hkv, G, C, D]``, ``kf [B, Hkv, 1, Lk, D]``, ``vf [B, Hkv, 1, Lk, Dv]``, ``mask``
+    from :func:`_mask_block`. Returns ``out, mu_v [B, Hkv, G, C, Dv]`` and ``lse, c [B, Hkv, G, C]``
+    (SPEC section 3: one pass over the keys; a row with no allowed key gives 0, ``lse = +inf``).
+    Also the decomposition the MLIR exporter lowers the op to (one block, ``i0 = 0``)."""
+    logits = _logits_block(qc, kf.squeeze(2), mask, scale=scale, causal=causal, window_size=window_size,
+                           i0=i0, lq=lq, lk=lk)
+    m = logits.amax(-1, keepdim=True)
+    empty = m == -math.inf
+    p = torch.exp(logits - torch.where(empty, torch.zeros_like(m), m))
+    del logits
+    g = torch.matmul(rc, kf.transpose(-1, -2))
+    pg = p * g
+    del g
+    d1 = p.sum(-1, keepdim=True)
+    d2 = pg.sum(-1, keepdim=True)
+    o1 = torch.matmul(p, vf)
+    del p
+    o2 = torch.matmul(pg, vf)
+    del pg
+    inv = torch.where(empty, torch.zeros_like(d1), 1.0 / torch.where(empty, torch.ones_like(d1), d1))
+    mu = o1 * inv
+    c = d2 * inv
+    lse = torch.where(empty, math.inf, m + torch.log(d1))
+    return mu * (1 + c) - o2 * inv, mu, lse.squeeze(-1), c.squeeze(-1)
 
 
 def _softmax_rows(logits: Tensor) -> Tensor:
