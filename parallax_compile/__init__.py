@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 import sys
 
+from .compiling import compile_model
 from .convert import ConversionInfo, convert, find_attention
 from .decode import parallax_attention_with_kvcache
 from .op import parallax_attention
@@ -19,9 +20,15 @@ if "transformers" in sys.modules:  # register the "parallax" attention implement
 
     _register_hf()
 
+# ``parallax_compile.compile`` (convert + torch.compile with the parallax backend); the function
+# is defined as ``compile_model`` so no module of the package shadows the builtin ``compile``.
+compile = compile_model  # noqa: A001
+
 __all__ = [
     "AttentionSite",
     "ConversionInfo",
+    "compile",
+    "compile_model",
     "convert",
     "find_attention",
     "load",

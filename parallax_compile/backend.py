@@ -1,0 +1,166 @@
+"""The ``parallax`` torch.compile backend: match -> rewrite -> lower (Inductor, AOT autograd).
+
+``torch.compile(model, backend="parallax")`` (registered through the ``torch_dynamo_backends``
+entry point: no import needed) or ``backend=parallax_compile.backend.parallax_backend``.
+
+For each graph Dynamo hands over:
+
+1. **ATen graph.** ``make_fx(gm, pre_dispatch=True)`` under Dynamo's fake mode: the same
+   un-decomposed ATen graph ``torch.export`` gives the passes (symbolic sizes stay symbolic, so
+   ``dynamic=True`` compiles once for every sequence length).
+2. **Passes.** ``parallax.attention`` nodes are kept as they are (one opaque node each);
+   Parallax written in plain torch ops (covariance or streaming form, causal masks, GQA) is
+   replaced by the op after a numerical check (:mod:`.passes.parallax_pattern`).
+3. **Lowering.** The rewritten graph goes to Inductor (``compile_fx``), which runs AOT autograd:
+   the op's registered autograd makes the backward graph call ``parallax.attention_backward``,
+   so training uses the fused kernels in both directions (Triton on CUDA, the chunked kernels on
+   the CPU); everything else is Inductor's.
+
+:func:`last_report` returns what the last compiled graph contained; ``torch._dynamo.utils.counters
+["parallax"]`` accumulates the same counters over the process (``graphs``, ``op``, ``covariance``,
+``streaming``, ``skipped``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .passes.parallax_pattern import ParallaxSite, find_parallax, rewrite_parallax
+
+__all__ = ["BackendReport", "last_report", "parallax_backend", "run_passes", "to_aten"]
+
+
+
+@dataclass
+class BackendReport:
+    """What the backend found in one Dynamo graph.
+
+    ``counters``: ``op`` (``parallax.attention`` nodes kept as one node), ``covariance`` and
+    ``streaming`` (hand-written Parallax rewritten into the op), ``skipped`` (hand-written
+    Parallax left as written, see ``sites``), ``softmax`` (plain softmax attention, left to
+    Inductor).
+    """
+
+    sites: list[ParallaxSite] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    num_nodes: int = 0
+
+    @property
+    def matched(self) -> list[ParallaxSite]:
+        return [s for s in self.sites if s.form in ("covariance", "streaming")]
+
+    @property
+    def rewritten(self) -> list[ParallaxSite]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def skipped(self) -> list[ParallaxSite]:
+        return [s for s in self.sites if s.status != "rewritten" and s.form != "softmax"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters), "num_nodes": self.num_nodes,
+                "sites": [s.as_dict() for s in self.sites]}
+
+
+_LAST: BackendReport | None = None
+
+
+def last_report() -> BackendReport | None:
+    """The report of the last graph the backend compiled in this process (None before any)."""
+    return _LAST
+
+
+def _placeholder_values(gm: fx.GraphModule, example_inputs) -> list:
+    vals = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(vals) == len(example_inputs) and all(v is not None for v in vals):
+        return vals
+    return list(example_inputs)
+
+
+def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Dynamo's torch-level graph -> the pre-dispatch ATen graph (no decompositions, symbolic sizes
+    kept), traced under the fake mode Dynamo traced with."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = _placeholder_values(gm, example_inputs)
+    fake_mode = next((t.fake_mode for t in inputs if isinstance(t, torch._subclasses.FakeTensor)), None)
+    if fake_mode is None:
+        fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+        inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    with torch.fx.traceback.preserve_node_meta(), fake_mode:
+        return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*inputs)
+
+
+def _tolerance(gm: fx.GraphModule) -> float:
+    """The checker's tolerance: that of the least precise float dtype in the graph."""
+    from .convert import TOLERANCE
+
+    tol = TOLERANCE[torch.float64]
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dtype in TOLERANCE:
+            tol = max(tol, TOLERANCE[v.dtype])
+    return tol
+
+
+def run_passes(aten_gm: fx.GraphModule, example_inputs=None) -> BackendReport:
+    """Rewrite hand-written Parallax in ``aten_gm`` in place; return the report (also what
+    :func:`last_report` returns from now on). ``example_inputs``
+    (real tensors, in placeholder order) let the causal check read lifted buffers."""
+    report = BackendReport()
+    report.counters = {"op": 0, "covariance": 0, "streaming": 0, "skipped": 0, "softmax": 0}
+    report.counters["op"] = sum(1 for n in aten_gm.graph.nodes
+                                if n.op == "call_function" and n.target is torch.ops.parallax.attention.default)
+    inputs = None
+    if example_inputs is not None:
+        holders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+        inputs = {n: t for n, t in zip(holders, example_inputs)
+                  if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
+                  and not t.requires_grad}
+    report.sites = find_parallax(aten_gm, inputs)
+    tol = _tolerance(aten_gm)
+    for site in report.sites:
+        if site.form == "softmax":
+            report.counters["softmax"] += 1
+        elif site.status == "skipped" and site.reason is not None and not site.nodes:
+            report.counters["skipped"] += 1
+        elif rewrite_parallax(aten_gm, site, tol):
+            report.counters[site.form] += 1
+        else:
+            report.counters["skipped"] += 1
+    aten_gm.graph.eliminate_dead_code()
+    aten_gm.graph.lint()
+    aten_gm.recompile()
+    report.num_nodes = len(aten_gm.graph.nodes)
+    global _LAST
+    _LAST = report
+    return report
+
+
+def parallax_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """Dynamo backend: ATen graph -> Parallax passes -> Inductor (``compile_fx``), for inference
+    and training.
+
+    ``mode`` and ``options`` are what ``torch.compile(..., backend="parallax", mode=..., options=...)``
+    passes on: Inductor's mode presets (``"max-autotune"``...) and Inductor config overrides.
+    """
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    from . import op as _op  # noqa: F401 - registers torch.ops.parallax.*
+
+    aten_gm = to_aten(gm, example_inputs)
+    report = run_passes(aten_gm, example_inputs)
+    counters["parallax"]["graphs"] += 1
+    for key, n in report.counters.items():
+        counters["parallax"][key] += n
+    patches = {}
+    if mode is not None:
+        patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(options or {})
+    return compile_fx(aten_gm, example_inputs, config_patches=patches or None)
