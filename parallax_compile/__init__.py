@@ -10,6 +10,7 @@ import sys
 
 from .compiling import compile_model
 from .convert import ConversionInfo, convert, find_attention
+from .export import export_mlir, export_onnx
 from .decode import parallax_attention_with_kvcache
 from .op import parallax_attention
 from .passes.site import AttentionSite
@@ -30,6 +31,8 @@ __all__ = [
     "compile",
     "compile_model",
     "convert",
+    "export_mlir",
+    "export_onnx",
     "find_attention",
     "load",
     "parallax_attention",

@@ -231,5 +231,82 @@ def verify(converted: Path) -> None:
     console.print("[green]OK[/]")
 
 
+def _convert_for_export(model: str, seq_len, batch_size):
+    from .convert import run_conversion
+
+    loaded = _load(model, seq_len, batch_size)
+    with err.status("Converting (capture, match, rewrite, verify) ..."):
+        gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
+                                  valid_positions=loaded.valid_positions)
+    console.print(_summary(info))
+    if not info.rewritten:
+        raise click.ClickException("no attention site could be rewritten; nothing exported")
+    return loaded, gm
+
+
+@main.group("export")
+def export_group() -> None:
+    """Export a converted MODEL to ONNX (Parallax as one custom-domain node plus the standard-op
+    function stock ONNX Runtime inlines) or to MLIR (torch-mlir)."""
+
+
+@export_group.command("onnx")
+@model_arg
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ONNX file to write.")
+@click.option("--opset", type=click.IntRange(min=18), default=None, help="Default ONNX opset (default 20).")
+@click.option("--fp16", is_flag=True, help="Convert the exported graph to float16.")
+@click.option("--accumulate", type=click.Choice(["float", "double"]), default="float", show_default=True,
+              help="Type the Parallax function body computes in.")
+@seq_opt
+@batch_opt
+@_friendly
+def export_onnx_cmd(model: str, output: Path, opset, fp16: bool, accumulate: str, seq_len, batch_size) -> None:
+    """Convert MODEL and write it as ONNX; then run the file in ONNX Runtime on the example
+    inputs and print its max relative error against PyTorch (non-padding positions)."""
+    import onnx
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from .convert import relative_error
+    from .export.onnx import export_onnx, parallax_nodes, run_onnx
+    from .export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYPE
+
+    loaded, gm = _convert_for_export(model, seq_len, batch_size)
+    with err.status(f"Exporting to {output} (torch.onnx, dynamo) ..."):
+        export_onnx(gm, path=output, opset=opset, fp16=fp16, accumulate=accumulate)
+    proto = onnx.load(str(output), load_external_data=False)
+    console.print(f"wrote {output}: {len(parallax_nodes(proto))} {DOMAIN}::{OP_TYPE} v{DOMAIN_VERSION} node(s), "
+                  f"opset {next(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))}; "
+                  f"checker (full) OK")
+    with err.status("Running it in ONNX Runtime ..."):
+        got = torch.from_numpy(run_onnx(output, loaded.example_inputs)[0]).float()
+        with torch.no_grad():
+            want = pytree.tree_leaves(gm(**loaded.example_inputs))[0]
+    console.print(f"ONNX Runtime vs PyTorch: max relative error {relative_error(got, want, loaded.valid_positions):.2e}")
+
+
+@export_group.command("mlir")
+@model_arg
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="MLIR text file to write.")
+@click.option("--output-type", type=click.Choice(["raw", "torch", "linalg-on-tensors", "stablehlo", "tosa"]),
+              default="raw", show_default=True,
+              help="raw keeps Parallax as one torch.operator; the others decompose it (reference math).")
+@seq_opt
+@batch_opt
+@_friendly
+def export_mlir_cmd(model: str, output: Path, output_type: str, seq_len, batch_size) -> None:
+    """Convert MODEL and write it as MLIR through torch-mlir."""
+    from .export.mlir import export_mlir
+
+    _, gm = _convert_for_export(model, seq_len, batch_size)
+    with err.status(f"Importing into MLIR ({output_type}) ..."):
+        text = str(export_mlir(gm, output_type=output_type, path=output))
+    n = text.count('torch.operator "torch.parallax.attention"')
+    console.print(f"wrote {output} ({output_type}, {len(text) / 1e6:.1f} MB of text; "
+                  f"{n} Parallax operation(s) kept as torch.operator)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
