@@ -141,6 +141,8 @@ KERNEL_CASES = [
     pytest.param(2, 6, 2, 2, 16, [45, 30], 45, 10, 5, 2, torch.float32, id="paged-bs5-window-lq2"),
     pytest.param(2, 4, 2, 1, 64, [61, 17], 64, None, 16, None, torch.bfloat16, id="paged-bf16-auto"),
     pytest.param(2, 2, 1, 2, 32, [1, 29], 32, None, None, 1, torch.float16, id="fp16-row-without-keys"),
+    # 15 requested -> chunks of 32 keys -> 10 splits (> the merge's 8-split chunk), last one partial
+    pytest.param(2, 2, 1, 1, 32, [300, 77], 300, None, None, 15, torch.float32, id="ten-splits-ragged"),
 ]
 
 

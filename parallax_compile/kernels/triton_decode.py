@@ -65,7 +65,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -220,26 +220,34 @@ def parallax_decode_fwd_kernel(
 def parallax_decode_merge_kernel(
     part_m, part_d1, part_d2, part_o1, part_o2, o,
     stride_ob, stride_oh, stride_ol, num_splits, HQ, LQ,
-    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
-    """Grid ``(B * Hq * Lq,)``: merge the splits of one row exactly (SPEC section 3)."""
+    """Grid ``(B * Hq * Lq,)``: merge the splits of one row exactly (SPEC section 3): global max
+    over the splits, then ``CHUNK_S`` splits at a time rescaled by ``exp2(m_split - m_max)`` and summed."""
     i_row = tl.program_id(0).to(tl.int64)
     o_s = tl.arange(0, BLOCK_S)
-    m_s = o_s < num_splits
-    o_dv = tl.arange(0, BLOCK_DV)
-    o_p = i_row * num_splits + o_s
-    b_m = tl.load(part_m + o_p, mask=m_s, other=float("-inf"))  # [BS]
-    b_mmax = tl.max(b_m, 0)
+    b_mmax = tl.max(tl.load(part_m + i_row * num_splits + o_s, mask=o_s < num_splits, other=float("-inf")), 0)
     b_mref = tl.where(b_mmax == float("-inf"), 0.0, b_mmax)
-    b_w = tl.exp2(b_m - b_mref)  # splits with no key (m = -inf) weigh 0
-    b_d1 = tl.sum(b_w * tl.load(part_d1 + o_p, mask=m_s, other=0.0), 0)
-    b_d2 = tl.sum(b_w * tl.load(part_d2 + o_p, mask=m_s, other=0.0), 0)
-    m_o = m_s[:, None] & (o_dv < DV)[None, :]
-    b_o1 = tl.sum(b_w[:, None] * tl.load(part_o1 + o_p[:, None] * DV + o_dv[None, :], mask=m_o, other=0.0), 0)
-    b_o2 = tl.sum(b_w[:, None] * tl.load(part_o2 + o_p[:, None] * DV + o_dv[None, :], mask=m_o, other=0.0), 0)
+    o_c = tl.arange(0, CHUNK_S)
+    o_dv = tl.arange(0, BLOCK_DV)
+    b_d1 = tl.zeros([CHUNK_S], tl.float32)
+    b_d2 = tl.zeros([CHUNK_S], tl.float32)
+    b_o1 = tl.zeros([BLOCK_DV], tl.float32)
+    b_o2 = tl.zeros([BLOCK_DV], tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):
+        m_c = (s0 + o_c) < num_splits
+        o_p = i_row * num_splits + s0 + o_c
+        b_w = tl.exp2(tl.load(part_m + o_p, mask=m_c, other=float("-inf")) - b_mref)  # empty splits weigh 0
+        b_d1 += b_w * tl.load(part_d1 + o_p, mask=m_c, other=0.0)
+        b_d2 += b_w * tl.load(part_d2 + o_p, mask=m_c, other=0.0)
+        m_o = m_c[:, None] & (o_dv < DV)[None, :]
+        b_o1 += tl.sum(b_w[:, None] * tl.load(part_o1 + o_p[:, None] * DV + o_dv[None, :], mask=m_o, other=0.0), 0)
+        b_o2 += tl.sum(b_w[:, None] * tl.load(part_o2 + o_p[:, None] * DV + o_dv[None, :], mask=m_o, other=0.0), 0)
+    d1 = tl.sum(b_d1, 0)
+    d2 = tl.sum(b_d2, 0)
     b_empty = b_mmax == float("-inf")
-    b_inv = tl.where(b_empty, 0.0, 1.0 / tl.where(b_empty, 1.0, b_d1))
-    b_out = b_o1 * b_inv * (1.0 + b_d2 * b_inv) - b_o2 * b_inv
+    b_inv = tl.where(b_empty, 0.0, 1.0 / tl.where(b_empty, 1.0, d1))
+    b_out = b_o1 * b_inv * (1.0 + d2 * b_inv) - b_o2 * b_inv
     i_i = i_row % LQ
     i_h = (i_row // LQ) % HQ
     i_b = i_row // (LQ * HQ)
@@ -328,7 +336,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
         out.stride(0), out.stride(1), out.stride(2),
         bt.stride(0) if paged else 0, k_cache.shape[2] if paged else 1, chunk, splits,
         scale * LOG2E, window_size if window_size is not None else 0,
-        min(64, triton.next_power_of_2(chunk // block_n)),
+        1 if chunk // block_n < 16 else 16,  # autotune bucket: short or long splits
         G=g, LQ=lq, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(d), BLOCK_DV=_block(dv),
         HAS_WINDOW=window_size is not None, PAGED=paged, SPLIT=split,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -338,7 +346,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
         parallax_decode_merge_kernel[(b * hq * lq,)](
             part_m, part_d1, part_d2, part_o1, part_o2, out,
             out.stride(0), out.stride(1), out.stride(2), splits, hq, lq,
-            DV=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=_block(dv),
+            DV=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=_block(dv), CHUNK_S=8,
             num_warps=4,
         )
     return out
