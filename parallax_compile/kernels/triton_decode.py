@@ -62,16 +62,24 @@ STACK = os.environ.get("PARALLAX_DECODE_STACK", "1") not in ("", "0")  # G * Lq 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Splits cover whole multiples of this many keys (a multiple of every BLOCK_N below).
+SPLIT_GRANULE = 16 if INTERPRET else 128
+SMEM_BUDGET = 200 * 1024  # bytes of K/V stages per program (H100/H200: 227 KB per SM)
+
+
 def _configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))]
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in ((64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3))]
 
 
 def _prune(configs, named_args, **kwargs):
-    # D = 256 tiles: K and V stages of [BLOCK_N, 256] bf16 fill shared memory beyond 3 stages.
+    """Drop configurations whose K/V pipeline stages do not fit in shared memory."""
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    keep = [c for c in configs if not (d > 128 and c.num_stages > 3)]
+    dv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 128))
+    item = named_args["k"].element_size() if hasattr(named_args.get("k"), "element_size") else 2
+    keep = [c for c in configs if c.num_stages * c.kwargs["BLOCK_N"] * (d + dv) * item <= SMEM_BUDGET]
     return keep or configs[:1]
 
 
@@ -113,9 +121,9 @@ def parallax_decode_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_bt, page_size, chunk, num_splits, qk_scale, WINDOW, TILES,
     G: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, STACK: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, STACK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(num_splits, Hkv, B)``. Writes ``o`` (one split) or the partials (several)."""
     i_s, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -267,24 +275,18 @@ def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _block_n(d: int) -> int:
-    if INTERPRET:
-        return 16
-    return 64
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def pick_num_splits(batch: int, hkv: int, l_max: int, block_n: int, sm_count: int) -> int:
-    """Splits per (sequence, KV head): enough programs for about 4 waves-worth of SMs
-    (``4 * sm_count``), each split at least 4 key tiles long."""
-    tiles = triton.cdiv(max(l_max, 1), block_n)
+def pick_num_splits(batch: int, hkv: int, l_max: int, sm_count: int) -> int:
+    """Splits per (sequence, KV head): enough programs for about 4 per SM (``4 * sm_count``),
+    each split at least 2 granules (``2 * SPLIT_GRANULE`` keys) long."""
+    granules = triton.cdiv(max(l_max, 1), SPLIT_GRANULE)
     want = triton.cdiv(4 * sm_count, max(1, batch * hkv))
-    return max(1, min(want, triton.cdiv(tiles, 4), 256))
+    return max(1, min(want, triton.cdiv(granules, 2), 256))
 
 
 def _empty(*shape, dtype, device) -> Tensor:
@@ -310,9 +312,8 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     out = _empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_n = _block_n(d)
-    splits = num_splits or pick_num_splits(b, hkv, l_max, block_n, _sm_count(q.device))
-    chunk = triton.cdiv(triton.cdiv(max(l_max, 1), splits), block_n) * block_n
+    splits = num_splits or pick_num_splits(b, hkv, l_max, _sm_count(q.device))
+    chunk = triton.cdiv(triton.cdiv(max(l_max, 1), splits), SPLIT_GRANULE) * SPLIT_GRANULE
     splits = max(1, triton.cdiv(max(l_max, 1), chunk))  # no split starts past L_max
     stack = STACK
     block_m = max(8 if stack else 16, triton.next_power_of_2(g * lq))
@@ -336,8 +337,8 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
         out.stride(0), out.stride(1), out.stride(2),
         bt.stride(0) if paged else 0, k_cache.shape[2] if paged else 1, chunk, splits,
         scale * LOG2E, window_size if window_size is not None else 0,
-        1 if chunk // block_n < 16 else 16,  # autotune bucket: short or long splits
-        G=g, LQ=lq, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(d), BLOCK_DV=_block(dv),
+        1 if chunk // SPLIT_GRANULE < 8 else 8,  # autotune bucket: short or long splits
+        G=g, LQ=lq, D=d, DV=dv, BLOCK_M=block_m, BLOCK_D=_block(d), BLOCK_DV=_block(dv),
         HAS_WINDOW=window_size is not None, PAGED=paged, SPLIT=split,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and q.dtype == torch.bfloat16, STACK=stack,
