@@ -1,8 +1,8 @@
 """Decode benchmark (GPU): Parallax decode with a KV cache vs fla's Parallax decode vs softmax SDPA.
 
 One query token per sequence (``Lq = 1``) against a full bf16 cache of ``L`` tokens; every method is
-checked against an fp32 reference of SPEC section 2 (Parallax via the effective weights
-``A = s (1 + c - g)``; softmax for SDPA) on the first rows of the batch **before** it is timed, and a
+checked against the oracles of ``parallax_compile.reference`` run in fp32 (Parallax; softmax for
+SDPA) on the first rows of the batch **before** it is timed, and a
 method that fails the check is reported as such and not timed.
 
 Methods:
@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallax_compile import parallax_attention_with_kvcache  # noqa: E402
+from parallax_compile.reference import parallax_attention_ref, softmax_attention_ref  # noqa: E402
 
 HBM_TBPS = 4.3
 REPS = 10
@@ -92,17 +93,12 @@ def _fla_decode():
 
 
 def reference(q, r, k, v, scale, rows):
-    """fp32 Parallax (effective weights, SPEC section 2) for the first ``rows`` sequences:
-    ``[rows, Hq, 1, Dv]``; ``r = None`` gives softmax."""
+    """fp32 oracle for the first ``rows`` sequences, ``[rows, Hq, 1, Dv]``: SPEC section 2 through
+    :mod:`parallax_compile.reference` (``r = None``: softmax)."""
     q, k, v = q[:rows].float(), k[:rows].float(), v[:rows].float()
-    g_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g_rep, 1), v.repeat_interleave(g_rep, 1)
-    s = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1)
     if r is None:
-        return s @ v
-    g = r[:rows].float() @ k.transpose(-1, -2)
-    c = (s * g).sum(-1, keepdim=True)
-    return (s * (1 + c - g)) @ v
+        return softmax_attention_ref(q, k, v, scale=scale)
+    return parallax_attention_ref(q, r[:rows].float(), k, v, scale=scale)
 
 
 def _rel(x, ref):
