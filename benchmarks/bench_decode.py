@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -50,8 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallax_compile import parallax_attention_with_kvcache  # noqa: E402
-from parallax_compile.reference import parallax_attention_ref, softmax_attention_ref  # noqa: E402
+from parallax_compile import parallax_attention_with_kvcache
+from parallax_compile.reference import parallax_attention_ref, softmax_attention_ref
 
 HBM_TBPS = 4.3
 REPS = 10

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["parallax_attention_with_kvcache", "check_kvcache_args", "decode_mask", "gather_paged"]
+__all__ = ["check_kvcache_args", "decode_mask", "gather_paged", "parallax_attention_with_kvcache"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

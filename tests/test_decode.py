@@ -281,7 +281,7 @@ def test_gpu_decode_cuda_graph_replay():
     """The entry point can be captured in a CUDA graph (no host sync inside) and replays exactly."""
     c = make_case(11, 4, 32, 8, 1, 128, [4096, 100, 3000, 1], 4096, block_size=64, dtype=torch.bfloat16,
                   device="cuda")
-    fn = lambda: _call(parallax_attention_with_kvcache, c, True)  # noqa: E731
+    fn = lambda: _call(parallax_attention_with_kvcache, c, True)
     eager = fn()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

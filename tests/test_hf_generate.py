@@ -19,10 +19,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import parallax_compile  # noqa: E402
-from parallax_compile import hf  # noqa: E402
-from parallax_compile.hf import attention as hf_attention  # noqa: E402
-from parallax_compile.models import load_model  # noqa: E402
+import parallax_compile
+from parallax_compile import hf
+from parallax_compile.hf import attention as hf_attention
+from parallax_compile.models import load_model
 
 FAMILIES = ["llama", "qwen3", "mistral", "gemma3"]
 
@@ -59,11 +59,11 @@ def _prompt(vocab, lengths, seed=1):
 
 
 def test_generate_at_zero_probe_is_the_original(upgraded):
-    family, original, model, _ = upgraded
+    _family, original, model, _ = upgraded
     for p in (p for n, p in model.named_parameters() if n.endswith("r_proj.weight")):
         p.data.zero_()
     ids, mask = _prompt(model.config.vocab_size, [9, 5])
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     want = original.generate(input_ids=ids, attention_mask=mask, **kw)
     got = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(got, want)
@@ -104,7 +104,7 @@ def test_kv_cache_decode_equals_recompute(upgraded, monkeypatch):
 
     monkeypatch.setattr(hf_attention, "parallax_attention_with_kvcache", counting)
     ids, mask = _prompt(model.config.vocab_size, [11, 11], seed=5)  # no padding: the kvcache path
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "output_logits": True, "return_dict_in_generate": True}
     cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
     n_calls = len(calls)
     fresh = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
@@ -125,7 +125,7 @@ def test_save_pretrained_round_trip(upgraded, tmp_path):
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     ids, mask = _prompt(model.config.vocab_size, [8, 4], seed=7)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw),
                        loaded.generate(input_ids=ids, attention_mask=mask, **kw))
 
@@ -179,7 +179,7 @@ def test_gemma3_270m_greedy_64_tokens_identical(gemma):
     ids, mask = gemma.example_inputs["input_ids"], gemma.example_inputs["attention_mask"]
     assert not bool(mask.all())  # row 1 is left-padded
     prompts = [(ids, mask)]
-    kw = dict(max_new_tokens=64, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 64, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         want = [model.generate(input_ids=i, attention_mask=m, **kw) for i, m in prompts]
     info = hf.upgrade(model, gemma.example_inputs, dynamic_dims=gemma.dynamic_dims,
@@ -210,12 +210,12 @@ def test_gpu_generate_uses_the_decode_kernel(family, monkeypatch):
     monkeypatch.setattr(hf_attention, "parallax_attention_with_kvcache",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     ids, mask = (t.cuda() for t in _prompt(model.config.vocab_size, [11, 11], seed=9))
-    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw),
                        original.generate(input_ids=ids, attention_mask=mask, **kw))
     assert calls
     _randomise_probes(model, seed=10)
-    kw |= dict(output_logits=True, return_dict_in_generate=True)
+    kw |= {"output_logits": True, "return_dict_in_generate": True}
     cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
     fresh = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
     assert torch.equal(cached.sequences, fresh.sequences)

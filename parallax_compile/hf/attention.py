@@ -30,7 +30,7 @@ from torch import Tensor
 from ..decode import parallax_attention_with_kvcache
 from ..op import parallax_attention
 
-__all__ = ["ATTN_IMPLEMENTATION", "parallax_attention_forward", "register", "CALLS"]
+__all__ = ["ATTN_IMPLEMENTATION", "CALLS", "parallax_attention_forward", "register"]
 
 ATTN_IMPLEMENTATION = "parallax"
 MAX_DECODE_TOKENS = 16
@@ -74,7 +74,7 @@ def parallax_attention_forward(
     q, r = _split_probe(module, query)
     if RECORD:
         CALLS[id(module)] = CALLS.get(id(module), 0) + 1
-    b, hq, lq, _ = q.shape
+    b, _hq, lq, _ = q.shape
     lk = key.shape[2]
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[-1] > lk:

@@ -26,7 +26,7 @@ from ..saving import OP_TOLERANCE, REFERENCE_FILE, REPORT_FILE, VerifyReport
 from . import attention
 from .upgrade import _outputs, from_pretrained
 
-__all__ = ["save_hf", "verify_hf", "is_hf_dir"]
+__all__ = ["is_hf_dir", "save_hf", "verify_hf"]
 
 FORMAT = "hf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -91,7 +91,7 @@ def verify_hf(directory) -> VerifyReport:
     names = {id(m): n for n, m in model.named_modules()}
 
     def check(module, q, r, k, v, mask, scale, causal, window, out):
-        up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         ref = parallax_attention_ref(up(q), up(r), up(k), up(v), scale=scale, causal=causal, window_size=window,
                                      attn_mask=mask)
         err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
