@@ -172,6 +172,16 @@ def _users_through_casts(node):
     return out
 
 
+def _product_lhs(node):
+    """The un-cast left operand of a product node (``einsum``: its first operand), else None."""
+    if node.op != "call_function" or node.target not in PRODUCTS:
+        return None
+    lhs = _einsum_parts(node)[2][0] if node.target is aten.einsum.default else node.args[0]
+    while isinstance(lhs, fx.Node) and lhs.op == "call_function" and lhs.target in CASTS:
+        lhs = lhs.args[0]
+    return lhs
+
+
 def _match_one(gm: fx.GraphModule, s: fx.Node, inputs=None) -> ParallaxSite:
     shp = shape_of(s)
     dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim")
@@ -185,8 +195,16 @@ def _match_one(gm: fx.GraphModule, s: fx.Node, inputs=None) -> ParallaxSite:
     # V: the right operand of the product that the softmax weights feed directly (mu_v / o1).
     v_base, v_gqa = None, "none"
     for src, u in _users_through_casts(s):
+        rhs = None
         if u.target in (aten.matmul.default, aten.bmm.default) and u.args[0] is src:
-            base, kind = _peel(u.args[1])
+            rhs = u.args[1]
+        elif u.target is aten.einsum.default and _einsum_parts(u)[2][0] is src:
+            (p_sub, v_sub), o_sub, (_, rhs) = _einsum_parts(u)
+            b = p_sub[:-2]
+            if not (v_sub == b + p_sub[-1] + v_sub[-1] and o_sub == b + p_sub[-2] + v_sub[-1]):
+                rhs = None
+        if rhs is not None:
+            base, kind = _peel(rhs)
             if base is not k_base:
                 v_base, v_gqa = base, kind
                 break
@@ -211,8 +229,7 @@ def _match_one(gm: fx.GraphModule, s: fx.Node, inputs=None) -> ParallaxSite:
             continue
         base, _ = _peel(a)
         if base is k_base:
-            uses_mu_k = uses_mu_k or any(
-                u in in_region and u.target in PRODUCTS and _peel(u.args[0])[0] is s for u in a.users)
+            uses_mu_k = uses_mu_k or any(u in in_region and _product_lhs(u) is s for u in a.users)
             continue
         if base is v_base or a is s:
             continue
