@@ -130,6 +130,12 @@ def test_save_pretrained_round_trip(upgraded, tmp_path):
                        loaded.generate(input_ids=ids, attention_mask=mask, **kw))
 
 
+def test_upgrading_twice_is_refused(upgraded):
+    _, _, model, inputs = upgraded
+    with pytest.raises(ValueError, match="already upgraded"):
+        hf.upgrade(model, inputs)
+
+
 def test_fused_projection_is_refused_with_reason():
     loaded = load_model("tiny-gpt2", seq_len=8)
     with pytest.raises(RuntimeError, match="not an nn.Linear child"):

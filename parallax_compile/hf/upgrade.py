@@ -151,6 +151,10 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
     or the check fails (the model is then left as it was)."""
     if not is_hf_model(model):
         raise TypeError(f"{type(model).__name__} is not a transformers model that uses AttentionInterface")
+    if getattr(model.config, "parallax_probes", None):
+        raise ValueError(f"{type(model).__name__} is already upgraded (config.parallax_probes is set)")
+    if isinstance(example_inputs, dict):  # capture and compare logits, not a KV cache object
+        example_inputs = {**example_inputs, "use_cache": example_inputs.get("use_cache", False)}
     sites, plan, cap = find_probe_sites(model, example_inputs, dynamic_dims=dynamic_dims)
     if not plan:
         reasons = "; ".join(sorted({s.reason for s in sites if s.reason})) or "no attention found"
