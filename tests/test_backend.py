@@ -197,6 +197,35 @@ def test_wrong_formula_is_not_rewritten():
     assert "not Parallax" in report.skipped[0].reason
 
 
+class DropoutSoftmaxFp32(nn.Module):
+    """HF-eager style streaming Parallax: softmax in fp32 cast back, dropout on the weights."""
+
+    def __init__(self, training: bool):
+        super().__init__()
+        self.attn_training = training
+
+    def forward(self, q, k, v, r):
+        p = (q @ k.transpose(-2, -1) * 0.25).softmax(-1, dtype=torch.float32).to(q.dtype)
+        p = nn.functional.dropout(p, 0.1, self.attn_training)
+        g = r @ k.transpose(-2, -1)
+        return p @ v * (1 + (p * g).sum(-1, keepdim=True)) - (p * g) @ v
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval-dropout", "train-dropout"])
+def test_fp32_softmax_and_dropout(training):
+    q, k, v, r = torch.randn(4, 2, 3, 9, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    model = DropoutSoftmaxFp32(training)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=passes_only, fullgraph=True)
+    out = compiled(q, k, v, r)
+    report = pb.last_report()
+    if training:  # random: left as written, with the reason
+        assert report.counters["skipped"] == 1 and "dropout" in report.skipped[0].reason
+    else:
+        assert report.counters["streaming"] == 1, report.as_dict()
+        _assert_close(out, model(q, k, v, r), TOL, "output")
+
+
 def test_plain_softmax_attention_is_left_alone():
     class Softmax(nn.Module):
         def forward(self, q, k, v):

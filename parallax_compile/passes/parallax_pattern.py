@@ -161,11 +161,12 @@ def _logits_qk(gm, s: fx.Node):
 
 
 def _users_through_casts(node):
+    """``(operand, user)`` pairs of ``node``'s users, looking through casts and dropout."""
     out, todo = [], [node]
     while todo:
         n = todo.pop()
         for u in n.users:
-            if u.op == "call_function" and u.target in CASTS:
+            if u.op == "call_function" and u.target in CASTS | DROPOUTS:
                 todo.append(u)
             else:
                 out.append((n, u))
@@ -366,6 +367,10 @@ def _hint(x) -> int:
     return int(hint)
 
 
+def _as_float64(a):
+    return torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a
+
+
 def _is_size(x) -> bool:
     v = val(x)
     return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
@@ -393,8 +398,8 @@ def _random_leaf(node, kind: str, gen: torch.Generator, causal: bool) -> torch.T
 
 
 def _check(gm: fx.GraphModule, site: ParallaxSite, new_out: fx.Node, seed: int = 0) -> float:
-    """Run the hand-written region and its replacement in float64 on random inputs; return the
-    relative error of the replacement."""
+    """Run the hand-written region and its replacement in float64 (inputs and every dtype
+    argument) on random inputs; return the relative error of the replacement."""
     from ..convert import relative_error
 
     n = site.nodes
@@ -431,7 +436,11 @@ def _check(gm: fx.GraphModule, site: ParallaxSite, new_out: fx.Node, seed: int =
             env[x] = sub.placeholder(x.name)
             inputs.append(_hint(val(x)))
         else:
-            env[x] = sub.node_copy(x, lambda a: env[a])
+            # Every dtype constant becomes float64 (a softmax in fp32 then cast back, a cast of
+            # k/v to q's dtype): the check compares formulas, in float64 throughout.
+            y = sub.node_copy(x, lambda a: env[a])
+            y.args, y.kwargs = fx.node.map_aggregate((y.args, y.kwargs), _as_float64)
+            env[x] = y
     sub.output((env[n["out"]], env[new_out]))
     module = fx.GraphModule(gm, sub)
     with torch.no_grad():
