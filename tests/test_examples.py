@@ -58,3 +58,21 @@ def test_parallax_model_uses_the_op_and_probe_path():
     for blk in par.blocks:
         torch.nn.init.normal_(blk.attn.r_proj.weight, std=0.02)
     assert (par(idx) - soft(idx)).abs().max() > 1e-3
+
+
+def test_upgrade_pretrained_smoke(tmp_path):
+    """Tiny Gemma 3: upgraded in place with logits unchanged at W_R = 0, the three fine-tunes run
+    from the same starting loss; training only W_R leaves the other weights alone."""
+    mod = _load("upgrade_pretrained")
+    doc = mod.main(["--smoke", "--out", str(tmp_path)])
+    assert doc["sites_rewritten"] >= 2
+    assert doc["logits_change_at_zero_probe"] < 1e-5
+    runs = {r["run"]: r for r in doc["runs"]}
+    before = {r["val_loss_before"] for r in runs.values()}
+    assert max(before) - min(before) < 1e-5  # W_R = 0: the upgraded model is the original
+    for r in runs.values():
+        assert math.isfinite(r["val_loss_after"])
+    assert runs["parallax, W_R only"]["probe_norm_after"] > 0
+    assert runs["original, all weights"]["probe_norm_after"] == 0
+    assert runs["parallax, W_R only"]["trainable_params"] < runs["parallax, all weights"]["trainable_params"]
+    assert (tmp_path / "upgrade_pretrained_smoke.json").is_file()
