@@ -18,11 +18,16 @@ For each graph Dynamo hands over:
 
 :func:`last_report` returns what the last compiled graph contained; ``torch._dynamo.utils.counters
 ["parallax"]`` accumulates the same counters over the process (``graphs``, ``op``, ``covariance``,
-``streaming``, ``skipped``).
+``streaming``, ``skipped``, ``softmax``); the logger ``parallax_compile.backend`` says the same at
+INFO (one line per graph) and DEBUG (one line per site). Should the passes themselves fail on
+some graph, it is compiled as Dynamo captured it (``parallax.attention`` nodes are opaque
+either way), with a warning, ``counters["parallax"]["failed_passes"]`` and the reason in
+``last_report().note``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +53,12 @@ class BackendReport:
     sites: list[ParallaxSite] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     num_nodes: int = 0
+    note: str = ""
+    """Set when the passes could not run and the graph was compiled as Dynamo captured it."""
+
+    def summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.counters.items() if v]
+        return ", ".join(parts) or "no attention found"
 
     @property
     def matched(self) -> list[ParallaxSite]:
@@ -62,11 +73,12 @@ class BackendReport:
         return [s for s in self.sites if s.status != "rewritten" and s.form != "softmax"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"counters": dict(self.counters), "num_nodes": self.num_nodes,
+        return {"counters": dict(self.counters), "num_nodes": self.num_nodes, "note": self.note,
                 "sites": [s.as_dict() for s in self.sites]}
 
 
 _LAST: BackendReport | None = None
+logger = logging.getLogger(__name__)
 
 
 def last_report() -> BackendReport | None:
@@ -149,18 +161,30 @@ def parallax_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = N
     ``mode`` and ``options`` are what ``torch.compile(..., backend="parallax", mode=..., options=...)``
     passes on: Inductor's mode presets (``"max-autotune"``...) and Inductor config overrides.
     """
+    global _LAST
     from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
     from . import op as _op  # noqa: F401 - registers torch.ops.parallax.*
 
-    aten_gm = to_aten(gm, example_inputs)
-    report = run_passes(aten_gm, example_inputs)
-    counters["parallax"]["graphs"] += 1
-    for key, n in report.counters.items():
-        counters["parallax"][key] += n
     patches = {}
     if mode is not None:
         patches.update(torch._inductor.list_mode_options(mode))
     patches.update(options or {})
+    counters["parallax"]["graphs"] += 1
+    try:
+        aten_gm = to_aten(gm, example_inputs)
+        report = run_passes(aten_gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - never fail the user's compile on a pass error
+        # Dynamo's graph as it is: parallax.attention nodes are still single opaque nodes.
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        _LAST = BackendReport(note=f"passes not run ({type(exc).__name__}: {first}); compiled as captured")
+        logger.warning("parallax backend: %s", _LAST.note)
+        counters["parallax"]["failed_passes"] += 1
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+    for key, n in report.counters.items():
+        counters["parallax"][key] += n
+    logger.info("parallax backend: %s", report.summary())
+    for site in report.sites:
+        logger.debug("parallax backend: %s", site.as_dict())
     return compile_fx(aten_gm, example_inputs, config_patches=patches or None)

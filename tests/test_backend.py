@@ -279,6 +279,21 @@ def test_inductor_training_hand_written(kernel_calls):
     assert explained.graph_break_count == 0
 
 
+def test_pass_failure_falls_back_to_the_captured_graph(monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("simulated capture failure")
+
+    monkeypatch.setattr(pb, "to_aten", broken)
+    torch._dynamo.reset()
+    counters.clear()
+    lin = nn.Linear(8, 8)
+    x = torch.randn(3, 8)
+    out = torch.compile(lin, backend="parallax")(x)
+    _assert_close(out, lin(x), TOL, "output")
+    assert counters["parallax"]["failed_passes"] == 1
+    assert "simulated capture failure" in pb.last_report().note
+
+
 # --- converted models -----------------------------------------------------------------------------
 
 
