@@ -3,18 +3,24 @@
 With the solved probe ``rho_i = (C_kk,i + lambda I)^-1 (mu_k,i - q_i)`` Parallax's output
 ``mu_v - C_vk rho`` *is* LLA's, exactly. A learned probe ``r_i = W_R x_i`` can only approximate
 ``rho_i`` (it sees the block input ``x_i``, not the context statistics), so converting an LLA site
-is approximate by nature. :func:`fit_lla_probe` chooses ``W_R`` by ridge least squares,
+is approximate by nature. Two least-squares fits of ``W x_i ~ rho_i`` on calibration tokens
+(every query head at once: the rows of ``W_R`` are the heads' features):
 
-    W_R = argmin_W  sum_i ||W x_i - rho_i||^2 + alpha ||W||_F^2,   alpha = probe_ridge * tr(X^T X) / d_in,
+1. :func:`fit_lla_probe`, plain ridge least squares,
+   ``argmin_W sum_i ||W x_i - rho_i||^2 + alpha ||W||_F^2`` (``alpha = probe_ridge * tr(X^T X) / d_in``):
+   reported, not installed -- it weighs every direction of ``rho`` alike;
+2. the installed probe: the same approximation measured through ``C_vk``, i.e. the site's output
+   error ``sum_i ||C_vk,i (W x_i - rho_i)||^2`` (+ a small ridge), by L-BFGS from ``W = 0``.
 
-on calibration tokens (every query head at once: the rows of ``W_R`` are the heads' features),
-and reports on *held-out* tokens the relative RMS error ``||a - b|| / ||b||`` of ``rho`` and of the
-site's output (calibrated, and at ``W_R = 0`` for comparison). :func:`calibrate_lla_sites` does
-this for the sites of a conversion (called by :func:`parallax_compile.convert.run_conversion`).
+The report (``site.fit``) gives, on *held-out* tokens, the relative RMS error ``||a - b|| / ||b||``
+of ``rho`` and of the site's output (calibrated, least squares, and at ``W_R = 0``); a fit that does
+not beat ``W_R = 0`` at the output is not installed. :func:`calibrate_lla_sites` does this for the
+sites of a conversion (called by :func:`parallax_compile.convert.run_conversion`).
 
 Calibration data: a list of model inputs (same structure as the example inputs) or a callable
-returning one; :func:`token_batches` cuts a token stream (e.g. the bytes of a text file, or the
-package's built-in prose) into such inputs.
+returning one; :func:`token_batches` / :func:`text_calibration` cut a token stream (the bytes of a
+text file, or the package's built-in prose) into such inputs. The statistics are materialised per
+query (``[B, H, L, Dv, D]`` in float64): keep calibration batches modest (thousands of tokens).
 """
 
 from __future__ import annotations
@@ -238,7 +244,7 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
         fit["rho_error_least_squares"] = _rel(torch.cat(xs_held) @ w.T, torch.cat(rho_held))
         fit["output_error_least_squares"] = _held_error(lin, held, xs, w, o_all)
         if refine_steps:
-            w = _refine(lin, held, xs, w, o_all, refine_steps)
+            w = _refine(lin, held, xs, w, o_all, refine_steps, torch.cat(rho_fit).pow(2).sum())
         fit["rho_error_calibrated"] = _rel(torch.cat(xs_held) @ w.T, torch.cat(rho_held))
     fit["rho_error_zero"] = 1.0
     fit["output_error_zero"] = _held_error(lin, held, xs, None, o_all)
@@ -298,22 +304,31 @@ def _probe(x: Tensor, w: Tensor, c_vk: Tensor) -> Tensor:
     return (x @ w.T).reshape(b, lq, h, d).transpose(1, 2)
 
 
-def _refine(lin, held, xs, w0, o_ref, steps) -> Tensor:
-    """Minimise the site's output error on the calibration tokens over ``W`` (L-BFGS from the
-    least-squares fit; the output is linear in ``W``, so this is a convex least-squares problem):
-    least squares on ``rho`` weighs every direction alike, while the output sees ``r`` only
-    through ``C_vk``, which is largest exactly where the solve shrinks ``rho`` most."""
-    w = w0.clone().requires_grad_(True)
+REFINE_PENALTY = 0.1
+"""Weight of ``||W x||^2 / ||rho||^2`` (over calibration tokens) in the output fit: keeps the probe
+small where the outputs do not pin it (fewer calibration tokens than the probe has parameters)."""
+
+
+def _refine(lin, held, xs, w0, o_ref, steps, rho_norm2) -> Tensor:
+    """``W x ~ rho`` measured where it matters: minimise ``sum_i ||C_vk,i (W x_i - rho_i)||^2`` (the
+    site's output error, linear in ``W``: a convex least-squares problem) plus a small ridge, by
+    L-BFGS from ``W = 0`` (shaped like ``w0``). Plain least squares on ``rho`` weighs every
+    direction alike, while the output sees ``r`` only through ``C_vk``, which is largest exactly
+    where the solve shrinks ``rho`` most: on real calibration data that fit is often worse than
+    ``W = 0`` at the output, so it is reported (``rho_error_least_squares``,
+    ``output_error_least_squares``) but not installed."""
+    w = torch.zeros_like(w0).requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
     den = sum(o.transpose(1, 2)[~h].pow(2).sum() for o, h in zip(o_ref, held)).clamp_min(1e-300)
 
     def closure():
         opt.zero_grad()
-        loss = 0.0
+        loss, size = 0.0, 0.0
         for (mu_v, c_vk), h, x, o in zip(lin, held, xs, o_ref):
             out = _parallax(mu_v, c_vk, _probe(x, w, c_vk))
             loss = loss + (out - o).transpose(1, 2)[~h].pow(2).sum()
-        loss = loss / den
+            size = size + (x[~h] @ w.T).pow(2).sum()
+        loss = loss / den + REFINE_PENALTY * size / rho_norm2
         loss.backward()
         return loss
 

@@ -119,7 +119,7 @@ def inspect(model: str, seq_len, batch_size, as_json: bool) -> None:
 
         _, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
                        valid_positions=loaded.valid_positions,
-                       calibration=lambda: text_calibration(loaded.example_inputs))
+                       calibration=lambda: text_calibration(loaded.example_inputs, n_tokens=2048))
     if as_json:
         import json
 

@@ -1,0 +1,158 @@
+"""Local Linear Attention: the example model against the float64 reference, recognition of the
+solve and CG forms, calibrated conversion (better than W_R = 0, reported as approximate), the
+gated probe's forward and gradients, the refusal of a site that is not the LLA it looks like,
+and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from parallax_compile.calibrate import fit_lla_probe, text_calibration
+from parallax_compile.cli import main
+from parallax_compile.convert import run_conversion
+from parallax_compile.models import load_model
+from parallax_compile.models.lla import build_lla_model, lla_core
+from parallax_compile.models.text import byte_tokens
+from parallax_compile.passes.capture import capture
+from parallax_compile.passes.match import find_sites
+from parallax_compile.reference import (
+    allowed_keys, lla_attention_ref, lla_cg_attention_ref, parallax_attention_ref,
+)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("solver", ["solve", "cg"])
+def test_model_core_matches_reference(solver):
+    """The example's LLA (as a model writes it) == the float64 oracle: GQA, causal, odd sizes."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 11, 5, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    keep = allowed_keys(11, 11, causal=True)
+    got = lla_core(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), ridge=0.3, solver=solver,
+                   cg_iters=3, keep=keep)
+    if solver == "solve":
+        want = lla_attention_ref(q, k, v, ridge=0.3, attn_mask=keep)
+    else:
+        want = lla_cg_attention_ref(q, k, v, ridge=0.3, cg_iters=3, attn_mask=keep)
+        assert _rel(got, lla_attention_ref(q, k, v, ridge=0.3, attn_mask=keep)) > 1e-4  # 3 < D steps
+    assert _rel(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("solver", ["solve", "cg"])
+def test_recognition_extracts_lambda(solver):
+    model = build_lla_model(solver, n_layer=2, ridge=0.37, cg_iters=6)
+    sites = find_sites(capture(model, {"idx": byte_tokens(24, batch_size=2)}).gm)
+    assert [s.module_path for s in sites] == ["h.0.attn", "h.1.attn"]
+    for s in sites:
+        assert s.form == ("lla-solve" if solver == "solve" else "lla-cg")
+        assert s.ridge == pytest.approx(0.37)
+        assert s.cg_iterations == (None if solver == "solve" else 6)
+        assert (s.num_heads, s.num_kv_heads, s.head_dim, s.gqa) == (4, 2, 16, "repeat_interleave")
+        assert s.scale == pytest.approx(0.25)
+        assert s.mask.startswith("bool drop")
+        assert s.reason is None
+
+
+def test_calibrated_conversion_beats_zero_init():
+    model = build_lla_model("solve", n_layer=1)
+    example = {"idx": byte_tokens(32, batch_size=4)}
+    ref = model(**example).detach()
+    gm, info = run_conversion(model, example, calibration=text_calibration(example, n_tokens=2048))
+    (site,) = info.sites
+    assert site.rewritable and site.form == "lla-solve" and site in info.approximate
+    fit = site.fit
+    assert fit["probe_init"] == "calibrated"
+    assert fit["lla_match_error"] < 1e-4  # the recognised lambda reproduces the site
+    assert fit["held_out_tokens"] > 0 and fit["calibration_tokens"] > fit["held_out_tokens"]
+    assert fit["output_error_calibrated"] < fit["output_error_zero"]
+    assert fit["rho_error_least_squares"] < 1.0
+    assert info.lla_output_error < info.lla_output_error_zero
+    # The report is what the module computes: model outputs vs the LLA model, then at W_R = 0.
+    probe = gm.get_parameter(site.probe)
+    assert probe.abs().sum() > 0
+    with torch.no_grad():
+        assert _rel(gm(**example), ref) == pytest.approx(info.lla_output_error, rel=1e-4)
+        probe.zero_()
+        assert _rel(gm(**example), ref) == pytest.approx(info.lla_output_error_zero, rel=1e-4)
+
+
+def test_unfaithful_site_is_not_converted():
+    """A 2-step CG (D = 16) is not the LLA its lambda describes: refused with the reason, never
+    rewritten. (A 1-step "CG" is not recognised as a loop at all: a softmax site, skipped.)"""
+    model = build_lla_model("cg", n_layer=1, cg_iters=2)
+    example = {"idx": byte_tokens(24, batch_size=2)}
+    gm, info = run_conversion(model, example, probe_init="zero")
+    (site,) = info.sites
+    assert not site.rewritable and "differs from LLA" in site.reason
+    assert not any(n.target is torch.ops.parallax.attention.default for n in gm.graph.nodes)
+    assert _rel(gm(**example), model(**example)) < 1e-6
+
+
+def _reference_forward(model, idx, w_r, w_g):
+    """The example LM with each LLA layer replaced by float64 Parallax (reference formula) and the
+    gated probe r = sigmoid(w_g . x) * W_R x, written out from the model's own modules."""
+    b, t = idx.shape
+    x = model.wte(idx) + model.wpe(torch.arange(t))
+    for blk in model.h:
+        a, c = blk.attn, blk.attn.c
+        h = blk.ln_1(x)
+        q = a.q_proj(h).view(b, t, c.n_head, c.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
+        gate = torch.sigmoid(h @ w_g.T)  # [B, T, H]: one gate per head
+        r = ((h @ w_r.T).view(b, t, c.n_head, c.head_dim) * gate[..., None]).transpose(1, 2)
+        y = parallax_attention_ref(q, r, k, v, attn_mask=a.tril[:t, :t])
+        x = x + a.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        x = x + blk.mlp(blk.ln_2(x))
+    return model.lm_head(model.ln_f(x))
+
+
+def test_gated_probe_forward_and_gradients_match_reference():
+    model = build_lla_model("solve", n_layer=1, block_size=32).double()
+    example = {"idx": byte_tokens(13, batch_size=2)}
+    gm, info = run_conversion(model, example, probe="gated", probe_init="zero")
+    (site,) = info.sites
+    assert site.rewritable
+    w_r, w_g = gm.get_parameter(site.probe), gm.get_parameter(site.probe.replace("r_proj.weight", "r_proj_gate.weight"))
+    assert w_g.shape == (4, 64)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w_r.copy_(0.2 * torch.randn(w_r.shape, generator=g, dtype=w_r.dtype))
+        w_g.copy_(torch.randn(w_g.shape, generator=g, dtype=w_g.dtype))
+    direction = torch.randn(2, 13, 256, generator=g, dtype=torch.float64)
+    out = gm(**example)
+    got = torch.autograd.grad((out * direction).sum(), [w_r, w_g, model.h[0].attn.q_proj.weight])
+    ref_w = [w_r.detach().clone().requires_grad_(True), w_g.detach().clone().requires_grad_(True)]
+    ref = _reference_forward(model, example["idx"], *ref_w)
+    want = torch.autograd.grad((ref * direction).sum(), ref_w + [model.h[0].attn.q_proj.weight])
+    assert _rel(out, ref) < 1e-10
+    for a, b, name in zip(got, want, ("W_R", "w_g", "W_Q")):
+        assert _rel(a, b) < 1e-8, name
+    # The gate matters: all gates -> 1 doubles r relative to the gate at 0 (sigmoid 1/2).
+    assert _rel(want[1], torch.zeros_like(want[1])) > 0
+
+
+def test_fit_lla_probe_recovers_a_linear_probe():
+    """Ridge least squares: rho that *is* linear in x is recovered; shapes are checked."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    assert _rel(fit_lla_probe(x, x @ w.T, probe_ridge=1e-10), w) < 1e-6
+    with pytest.raises(ValueError, match="x must be"):
+        fit_lla_probe(x, x[:10])
+
+
+def test_cli_inspect_lists_lla_sites_with_lambda():
+    assert load_model("lla-cg").model.config.solver == "cg"
+    result = CliRunner().invoke(main, ["inspect", "lla-cg", "--seq-len", "24", "--json"])
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.output)
+    assert [(s["form"], s["ridge"], s["cg_iterations"]) for s in sites] == [("lla-cg", 0.5, 8)] * 2
+    assert all(s["fit"]["lla_match_error"] < 1e-2 for s in sites)
