@@ -46,8 +46,8 @@ class BackendReport:
 
     ``counters``: ``op`` (``parallax.attention`` nodes kept as one node), ``covariance`` and
     ``streaming`` (hand-written Parallax rewritten into the op), ``skipped`` (hand-written
-    Parallax left as written, see ``sites``), ``softmax`` (plain softmax attention, left to
-    Inductor).
+    Parallax left as written, see ``sites``), ``softmax`` (other attention, left to Inductor:
+    plain softmax attention, or a form the pass cannot read; the reason is in ``sites``).
     """
 
     sites: list[ParallaxSite] = field(default_factory=list)
@@ -62,7 +62,7 @@ class BackendReport:
 
     @property
     def matched(self) -> list[ParallaxSite]:
-        return [s for s in self.sites if s.form in ("covariance", "streaming")]
+        return [s for s in self.sites if s.form in PARALLAX_FORMS]
 
     @property
     def rewritten(self) -> list[ParallaxSite]:
@@ -70,13 +70,14 @@ class BackendReport:
 
     @property
     def skipped(self) -> list[ParallaxSite]:
-        return [s for s in self.sites if s.status != "rewritten" and s.form != "softmax"]
+        return [s for s in self.sites if s.status != "rewritten" and s.form in PARALLAX_FORMS]
 
     def as_dict(self) -> dict[str, Any]:
         return {"counters": dict(self.counters), "num_nodes": self.num_nodes, "note": self.note,
                 "sites": [s.as_dict() for s in self.sites]}
 
 
+PARALLAX_FORMS = ("covariance", "streaming")
 _LAST: BackendReport | None = None
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def run_passes(aten_gm: fx.GraphModule, example_inputs=None) -> BackendReport:
     report.sites = find_parallax(aten_gm, inputs)
     tol = _tolerance(aten_gm)
     for site in report.sites:
-        if site.form == "softmax":
+        if site.form not in PARALLAX_FORMS:
             report.counters["softmax"] += 1
         elif site.status == "skipped" and site.reason is not None and not site.nodes:
             report.counters["skipped"] += 1

@@ -75,7 +75,8 @@ class ParallaxSite:
 
     module_path: str
     form: str
-    """``covariance`` / ``streaming`` (hand-written Parallax), ``softmax`` (plain attention)."""
+    """``covariance`` / ``streaming`` (hand-written Parallax), ``softmax`` (plain attention),
+    ``attention`` (a softmax whose logits or region the pass cannot read)."""
     status: str = "skipped"
     """``rewritten`` or ``skipped``."""
     reason: str | None = None
@@ -350,7 +351,8 @@ def find_parallax(gm: fx.GraphModule, inputs: dict | None = None) -> list[Parall
         except NoMatch:
             continue
         except Skip as why:
-            sites.append(ParallaxSite(module_path=owner_path(node), form="parallax?").skip(str(why)))
+            # Attention the passes cannot read (e.g. soft-capped logits): not known to be Parallax.
+            sites.append(ParallaxSite(module_path=owner_path(node), form="attention").skip(str(why)))
     return sites
 
 
