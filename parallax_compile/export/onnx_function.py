@@ -154,25 +154,20 @@ def function_proto(opset: int, accumulate: int = TensorProto.FLOAT, stats: int =
     # Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [..., Dv]; mask [Bm, Hm, Lqm, Lk].
     sq, sk, sv, sm = (b.op("Shape", x) for x in ("q", "k", "v", "attn_mask"))
     sl = lambda s, i, j: b.op("Slice", s, b.const([i]), b.const([j]))  # noqa: E731
-    b_hkv = sl(sk, 0, 2)
-    minus1 = b.const([-1])
-    q_tail = sl(sq, 2, 4)
-    grouped = b.op("Concat", b_hkv, minus1, q_tail, axis=0)  # [B, Hkv, G, Lq, D]
     cast = lambda x: b.op("CastLike", x, acc_like)  # noqa: E731
-    q5 = b.op("Reshape", cast("q"), grouped)
-    r5 = b.op("Reshape", cast("r"), grouped)
-    axis2 = b.const([2])
-    k5 = b.op("Unsqueeze", cast("k"), axis2)  # [B, Hkv, 1, Lk, D]
-    v5 = b.op("Unsqueeze", cast("v"), axis2)
-    kt = b.op("Transpose", k5, perm=[0, 1, 2, 4, 3])
+    minus1 = b.const([-1])
+    # GQA without repeating k, v: the G query heads of one KV head are stacked as rows,
+    # q [B, Hq, Lq, D] -> [B, Hkv, G*Lq, D] (a free reshape), so every matmul is a plain batched one.
+    stacked = b.op("Concat", sl(sk, 0, 2), minus1, sl(sq, 3, 4), axis=0)
+    qs = b.op("Reshape", cast("q"), stacked)
+    rs = b.op("Reshape", cast("r"), stacked)
+    k, v = cast("k"), cast("v")
     scale = b.op("CastLike", b.attr_const("scale", "value_float"), acc_like)
-    logits = b.op("Mul", b.op("MatMul", q5, kt), scale)  # [B, Hkv, G, Lq, Lk]
-    g = b.op("MatMul", r5, kt)
-    # Mask as [Bm, min(Hm, Hkv), -1, Lqm, Lk]: head dim 1 -> (1, 1), Hq -> (Hkv, G).
-    hm = b.op("Min", sl(sm, 1, 2), sl(sk, 1, 2))
-    mask5_shape = b.op("Concat", sl(sm, 0, 1), hm, minus1, sl(sm, 2, 4), axis=0)
-    logits = b.op("Add", logits, b.op("Reshape", cast("attn_mask"), mask5_shape))
-    # Causal / window pattern [Lq, Lk]: i' = i + Lk - Lq, j; disabled parts are all-true.
+    # One Transpose per product, so ONNX Runtime can fold each into its MatMul.
+    logits = b.op("Mul", b.op("MatMul", qs, b.op("Transpose", k, perm=[0, 1, 3, 2])), scale)  # [B, Hkv, G*Lq, Lk]
+    g = b.op("MatMul", rs, b.op("Transpose", k, perm=[0, 1, 3, 2]))
+    # Causal / window pattern [Lq, Lk] with i' = i + Lk - Lq (disabled parts all-true), as an
+    # additive 0 / -inf pattern folded into the (small, broadcast) mask before it meets the logits.
     zero, one = b.const(0), b.const(1)
     lq = b.op("Squeeze", sl(sq, 2, 3), b.const([0]))
     lk = b.op("Squeeze", sl(sk, 2, 3), b.const([0]))
@@ -185,19 +180,25 @@ def function_proto(opset: int, accumulate: int = TensorProto.FLOAT, stats: int =
                      b.op("Or", causal, b.op("Less", j, b.op("Add", i_al, window))))
     keep = b.op("And", keep, b.op("Or", b.op("Equal", window, zero), in_window))
     neg_inf = b.op("CastLike", b.const(-math.inf, FLOAT), acc_like)
-    logits = b.op("Where", keep, logits, neg_inf)
+    zero_acc = b.op("CastLike", b.const(0.0, FLOAT), acc_like)
+    one_acc = b.op("CastLike", b.const(1.0, FLOAT), acc_like)
+    # Mask as [Bm, min(Hm, Hkv), -1, Lqm, Lk] (head dim 1 -> (1, 1), Hq -> (Hkv, G)) plus the pattern.
+    hm = b.op("Min", sl(sm, 1, 2), sl(sk, 1, 2))
+    mask5 = b.op("Reshape", cast("attn_mask"), b.op("Concat", sl(sm, 0, 1), hm, minus1, sl(sm, 2, 4), axis=0))
+    mask5 = b.op("Add", mask5, b.op("Where", keep, zero_acc, neg_inf))
+    grouped = b.op("Concat", sl(sk, 0, 2), minus1, sl(sq, 2, 3), sl(sk, 2, 3), axis=0)  # [B, Hkv, G, Lq, Lk]
+    logits = b.op("Add", b.op("Reshape", logits, grouped), mask5)
+    logits = b.op("Reshape", logits, b.op("Shape", g))  # back to [B, Hkv, G*Lq, Lk]
     # Moments (SPEC section 3): p = exp(l - m), d1 = sum p, d2 = sum p g, O1 = p v, O2 = (p g) v.
     last = b.const([-1])
     m = b.op("ReduceMax", logits, last, keepdims=1)
-    empty = b.op("Equal", m, neg_inf)
-    zero_acc = b.op("CastLike", b.const(0.0, FLOAT), acc_like)
-    one_acc = b.op("CastLike", b.const(1.0, FLOAT), acc_like)
+    empty = b.op("Equal", m, neg_inf)  # no allowed key: output 0, lse = +inf
     p = b.op("Exp", b.op("Sub", logits, b.op("Where", empty, zero_acc, m)))
     pg = b.op("Mul", p, g)
     d1 = b.op("ReduceSum", p, last, keepdims=1)
     d2 = b.op("ReduceSum", pg, last, keepdims=1)
-    o1 = b.op("MatMul", p, v5)
-    o2 = b.op("MatMul", pg, v5)
+    o1 = b.op("MatMul", p, v)
+    o2 = b.op("MatMul", pg, v)
     inv = b.op("Where", empty, zero_acc, b.op("Reciprocal", b.op("Where", empty, one_acc, d1)))
     mu = b.op("Mul", o1, inv)
     c = b.op("Mul", d2, inv)
