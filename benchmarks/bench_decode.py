@@ -282,6 +282,9 @@ def main(argv=None) -> None:
         print(f"B={b} Hq={hq} Hkv={hkv} L={l} D={d}: err {px.get('error')} {brief}", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
+        partial = {"machine": _machine(), "partial": True, "results": results, "skipped": skipped}
+        (out_dir / ("bench_decode_smoke.json" if args.smoke else "bench_decode.json")).write_text(
+            json.dumps(partial, indent=1))  # a crash later still leaves the rows measured so far
     targets = []
     for name, b, hq, hkv, l, d, timing, metric, bound in TARGETS:
         row = next((x for x in results if (x["B"], x["Hq"], x["Hkv"], x["L"], x["D"]) == (b, hq, hkv, l, d)), None)
