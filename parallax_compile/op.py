@@ -208,6 +208,30 @@ def _backward(ctx, grad_out, _grad_mu_v, _grad_lse, _grad_c):
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Autocast: like `scaled_dot_product_attention`, the op runs in the autocast dtype. Under
+# `torch.autocast(device)`, float32 q, r, k, v are cast to `torch.get_autocast_dtype(device)` (float64
+# is left alone, as autocast does); `attn_mask` keeps its dtype. `torch.library.register_autocast`
+# takes one fixed dtype, hence this kernel, which reads the dtype of the active autocast region.
+_AUTOCAST_LIB = torch.library.Library("parallax", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def kernel(_keyset, q, r, k, v, *args, **kwargs):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, r, k, v = (t.to(dtype) if t.dtype == torch.float32 else t for t in (q, r, k, v))
+        with torch._C._ExcludeDispatchKeyGuard(key):
+            return torch.ops.parallax.attention.default(q, r, k, v, *args, **kwargs)
+
+    _AUTOCAST_LIB.impl("attention", kernel, key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
 def parallax_attention(
     q: Tensor,
     r: Tensor,
