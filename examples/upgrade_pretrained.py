@@ -62,11 +62,15 @@ def token_data(args, vocab_size: int) -> tuple[Tensor, Tensor]:
 
         from parallax_compile.models.gemma3 import gemma3_270m_dir
 
-        tok = transformers.AutoTokenizer.from_pretrained(gemma3_270m_dir())
+        tok = transformers.AutoTokenizer.from_pretrained(args.tokenizer or gemma3_270m_dir())
 
         def enc(s: str) -> Tensor:
             return torch.tensor(tok(s, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return enc(train_txt), enc(val_txt)
+    train, val = enc(train_txt), enc(val_txt)
+    if not args.smoke and len(val) > 0.6 * len(val_txt):  # English BPE: ~4 characters per token
+        raise RuntimeError(f"the tokenizer gives {len(val)} tokens for {len(val_txt)} characters: it looks "
+                           "character-level (a GGUF tokenizer conversion that lost its merges?); pass --tokenizer DIR")
+    return train, val
 
 
 def lm_loss(model, x: Tensor, y: Tensor, device) -> Tensor:
@@ -164,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma3-270m", help="built-in model spec (default gemma3-270m)")
     p.add_argument("--data", choices=["shakespeare", "pydoc"], default="shakespeare")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the Gemma 3 cache folder)")
     p.add_argument("--train-chars", type=int, default=3_000_000, help="characters of training text to tokenize")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
