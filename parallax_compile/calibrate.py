@@ -204,6 +204,7 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
     q_n, r_n, k_n, v_n, m_n = op.args[:5]
     kw = _op_kw(op, site)
     values, held = _merge(values, _held_out(values, q_n))
+    held = [h.to(vals[q_n].device) for h, vals in zip(held, values)]
     lla_err, rho_all, o_all, lin = [], [], [], []
     for vals in values:
         q, k = vals[q_n].double(), vals[k_n].double()
@@ -274,7 +275,8 @@ def _plain_head_split(gm, probe, gate, inputs, x_n: fx.Node, q_n: fx.Node, r_n: 
     ``h * D + d`` -> ``r[:, h, :, d]``; rotary embeddings or per-head norms are not), checked by
     running the graph with a random ``W``."""
     saved = probe.weight.detach().clone()
-    p = torch.randn(probe.weight.shape, generator=torch.Generator().manual_seed(0), dtype=probe.weight.dtype)
+    p = torch.randn(probe.weight.shape, generator=torch.Generator().manual_seed(0),
+                    dtype=probe.weight.dtype).to(probe.weight.device)
     with torch.no_grad():
         probe.weight.copy_(p)
         try:

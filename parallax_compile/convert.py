@@ -259,7 +259,7 @@ def _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_in
     err = rms_error(out)
     floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     gen = torch.Generator().manual_seed(0)
-    loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype)).sum() for t in floats)
+    loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype).to(t.device)).sum() for t in floats)
     grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
     for s, g in zip(live, grads):
         if g is None or not bool(torch.isfinite(g).all()):
@@ -289,7 +289,7 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
         gen = torch.Generator().manual_seed(0)
         # A random direction along the last dim only: no output-sized random tensor (Gemma's
         # logits alone are 1.3 GB).
-        loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype)).sum() for t in floats)
+        loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype).to(t.device)).sum() for t in floats)
         grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
         for s, g in zip(live, grads):
             if g is None or not bool(torch.isfinite(g).all()):
