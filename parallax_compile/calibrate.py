@@ -89,10 +89,14 @@ def text_calibration(example_inputs, text: str | None = None, n_tokens: int = 81
     """Calibration inputs from real text as UTF-8 byte ids (byte-level models such as the built-in
     ``lla`` / ``nanogpt``): about ``n_tokens`` tokens of ``text``, or by default of prose from
     :mod:`parallax_compile.models.text` (Python's reference manual, always on disk), in batches
-    shaped like the example token ids (the last batch is held out). See :func:`token_batches`."""
+    shaped like the example token ids (the last batch is held out). See :func:`token_batches`.
+    Inputs without exactly one 2-D integer tensor (no token ids) give ``[example_inputs]``."""
     args, kwargs = _split_inputs(example_inputs)
-    per_batch = sum(t.numel() for t in pytree.tree_leaves((args, kwargs))
-                    if isinstance(t, Tensor) and t.dim() == 2 and not t.is_floating_point())
+    ids = [t for t in pytree.tree_leaves((args, kwargs))
+           if isinstance(t, Tensor) and t.dim() == 2 and not t.is_floating_point()]
+    if len(ids) != 1:
+        return [(args, kwargs)]  # no token ids to replace: calibrate on the example inputs
+    per_batch = ids[0].numel()
     n_batches = max(2, -(-n_tokens // max(per_batch, 1)))
     if text is None:
         from .models.text import sample_text

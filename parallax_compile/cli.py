@@ -168,7 +168,8 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
         raise click.ClickException("no attention site could be rewritten; nothing saved")
     with err.status(f"Saving to {output} ..."):
         save(gm, output, source=loaded.spec)
-    console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
+    if len(info.rewritten) > len(info.approximate):  # exact (softmax) sites
+        console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
     if info.approximate:
         console.print(f"[cyan]approximate[/]: {len(info.approximate)} LLA site(s) converted with a {probe_init} probe "
                       f"(Parallax equals LLA only with the per-query solved probe); model outputs vs the LLA "

@@ -156,3 +156,18 @@ def test_cli_inspect_lists_lla_sites_with_lambda():
     sites = json.loads(result.output)
     assert [(s["form"], s["ridge"], s["cg_iterations"]) for s in sites] == [("lla-cg", 0.5, 8)] * 2
     assert all(s["fit"]["lla_match_error"] < 1e-2 for s in sites)
+
+
+def test_text_calibration_batches():
+    """--calibration-text: UTF-8 bytes cut into batches shaped like the example token ids."""
+    example = {"idx": byte_tokens(10, batch_size=3), "flag": False}
+    text = "Local linear attention solves a ridge system per query. " * 20
+    batches = text_calibration(example, text, n_tokens=90)
+    assert len(batches) == 3
+    (args, kw) = batches[1]
+    assert args == () and kw["flag"] is False and kw["idx"].shape == (3, 10) and kw["idx"].dtype == torch.long
+    assert bytes(kw["idx"].reshape(-1).tolist()) == text.encode()[30:60]
+    # No token ids to replace: the example inputs themselves.
+    assert text_calibration({"x": torch.randn(2, 3)}, text)[0][1]["x"].shape == (2, 3)
+    with pytest.raises(ValueError, match="empty"):
+        text_calibration(example, "")
