@@ -165,7 +165,7 @@ def _output_node(sm: fx.Node, anchor: fx.Node, mu_v: fx.Node, order: dict[fx.Nod
 def _match(gm, anchor: fx.Node, matrix: fx.Node, form: str, iterations: int | None,
            products: list[fx.Node], order, dead) -> AttentionSite:
     sm = _own_softmax(matrix, order)
-    if sm is None:
+    if sm is None or sm is matrix:
         raise NoMatch("no softmax feeds the matrix")
     ridge = _ridge_in_matrix(gm, matrix)
     if ridge is None and form == "lla-cg":
@@ -220,6 +220,10 @@ def find_lla_sites(gm: fx.GraphModule) -> list[AttentionSite]:
         except NoMatch:
             continue
         except Skip as why:
+            if form == "lla-cg":
+                # A square matrix reused by products is a weak signal (unlike a solve): not an LLA
+                # site unless it matches fully; the softmax matcher reports its softmax, if any.
+                continue
             site = AttentionSite(module_path=owner_path(node), form=form)
             site.nodes = {"out": node, "softmax": _own_softmax(matrix, order)}
             site.skip(str(why))
