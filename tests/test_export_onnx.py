@@ -164,9 +164,18 @@ def tiny_llama():
     return loaded, gm
 
 
-def test_tiny_llama_gqa_padding(tiny_llama, tmp_path):
+def test_tiny_llama_gqa_padding_from_the_cli(tiny_llama, tmp_path):
+    """``parallax-compile export onnx tiny-llama`` (same seed, same weights as the fixture)."""
+    from click.testing import CliRunner
+
+    from parallax_compile.cli import main
+
     loaded, gm = tiny_llama
-    path = export_onnx(gm, path=tmp_path / "llama.onnx")
+    path = tmp_path / "llama.onnx"
+    res = CliRunner().invoke(main, ["export", "onnx", "tiny-llama", "-o", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "2 ai.parallax::ParallaxAttention v1 node(s)" in res.output and "checker (full) OK" in res.output
+    assert "ONNX Runtime vs PyTorch: max relative error" in res.output
     other = load_model("tiny-llama", seq_len=27, batch_size=3)  # same weights, other shapes
     _check_model_in_ort(loaded, gm, path, other=(other.example_inputs, other.valid_positions))
     nodes = parallax_nodes(onnx.load(path))
