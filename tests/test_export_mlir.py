@@ -19,14 +19,14 @@ import torch
 
 pytest.importorskip("torch_mlir")
 
-from torch_mlir import ir  # noqa: E402
+from torch_mlir import ir
 
-from parallax_compile import export_mlir  # noqa: E402
-from parallax_compile.convert import relative_error, run_conversion  # noqa: E402
-from parallax_compile.export.mlir import decompose_attention  # noqa: E402
-from parallax_compile.export.program import program  # noqa: E402
-from parallax_compile.models import load_model  # noqa: E402
-from parallax_compile.reference import parallax_attention_ref  # noqa: E402
+from parallax_compile import export_mlir
+from parallax_compile.convert import relative_error, run_conversion
+from parallax_compile.export.mlir import decompose_attention
+from parallax_compile.export.program import program
+from parallax_compile.models import load_model
+from parallax_compile.reference import parallax_attention_ref
 
 
 @pytest.fixture(scope="module")

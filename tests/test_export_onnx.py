@@ -23,12 +23,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from parallax_compile import convert, export_onnx  # noqa: E402
-from parallax_compile.convert import relative_error, run_conversion  # noqa: E402
-from parallax_compile.export.onnx import parallax_nodes, run_onnx  # noqa: E402
-from parallax_compile.export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYPE  # noqa: E402
-from parallax_compile.models import load_model  # noqa: E402
-from parallax_compile.reference import parallax_attention_ref  # noqa: E402
+from parallax_compile import convert, export_onnx
+from parallax_compile.convert import relative_error, run_conversion
+from parallax_compile.export.onnx import parallax_nodes, run_onnx
+from parallax_compile.export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYPE
+from parallax_compile.models import load_model
+from parallax_compile.reference import parallax_attention_ref
 
 REL_TOL = 1e-5  # fp32: max abs error relative to the output's max abs value
 

@@ -4,7 +4,7 @@ Need the ``export`` extra (onnx, onnxruntime, onnxscript, torch-mlir), imported 
 
 from __future__ import annotations
 
-__all__ = ["export_onnx", "export_mlir"]
+__all__ = ["export_mlir", "export_onnx"]
 
 
 def export_onnx(*args, **kwargs):

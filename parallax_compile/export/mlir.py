@@ -18,7 +18,7 @@ import torch
 from ..kernels import chunked
 from .program import program
 
-__all__ = ["export_mlir", "OUTPUT_TYPES", "decompose_attention"]
+__all__ = ["OUTPUT_TYPES", "decompose_attention", "export_mlir"]
 
 OUTPUT_TYPES = ("raw", "torch", "linalg-on-tensors", "stablehlo", "tosa")
 

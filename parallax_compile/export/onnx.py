@@ -16,10 +16,18 @@ from typing import Any
 
 import torch
 
+from .onnx_function import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    MIN_OPSET,
+    OP_TYPE,
+    function_proto,
+    register_schema,
+    stats_type,
+)
 from .program import program
-from .onnx_function import DOMAIN, DOMAIN_VERSION, MIN_OPSET, OP_TYPE, function_proto, register_schema, stats_type
 
-__all__ = ["export_onnx", "DEFAULT_OPSET", "parallax_nodes", "run_onnx"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "parallax_nodes", "run_onnx"]
 
 DEFAULT_OPSET = 20  # torch.onnx's default; the function body needs >= 18
 

@@ -31,7 +31,7 @@ import math
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "OP_TYPE", "MIN_OPSET", "register_schema", "function_proto", "stats_type"]
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "MIN_OPSET", "OP_TYPE", "function_proto", "register_schema", "stats_type"]
 
 DOMAIN, DOMAIN_VERSION, OP_TYPE = "ai.parallax", 1, "ParallaxAttention"
 MIN_OPSET = 18  # ReduceMax/ReduceSum with axes as an input
@@ -153,8 +153,8 @@ def function_proto(opset: int, accumulate: int = TensorProto.FLOAT, stats: int =
     acc_like = b.const(0.0, accumulate)  # CastLike(x, acc_like): to the accumulation type
     # Shapes: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [..., Dv]; mask [Bm, Hm, Lqm, Lk].
     sq, sk, sv, sm = (b.op("Shape", x) for x in ("q", "k", "v", "attn_mask"))
-    sl = lambda s, i, j: b.op("Slice", s, b.const([i]), b.const([j]))  # noqa: E731
-    cast = lambda x: b.op("CastLike", x, acc_like)  # noqa: E731
+    sl = lambda s, i, j: b.op("Slice", s, b.const([i]), b.const([j]))
+    cast = lambda x: b.op("CastLike", x, acc_like)
     minus1 = b.const([-1])
     # GQA without repeating k, v: the G query heads of one KV head are stacked as rows,
     # q [B, Hq, Lq, D] -> [B, Hkv, G*Lq, D] (a free reshape), so every matmul is a plain batched one.
