@@ -35,10 +35,10 @@ from parallax_compile.models.lla import lla_core
 from parallax_compile.reference import allowed_keys, lla_attention_ref
 
 SHAPES = {
-    "smoke": [dict(name="smoke", B=1, Hq=2, Hkv=1, L=64, D=16)],
-    "cpu": [dict(name="cpu-L256-D16", B=1, Hq=4, Hkv=2, L=256, D=16),
-            dict(name="cpu-L512-D32", B=1, Hq=4, Hkv=2, L=512, D=32)],
-    "gpu": [dict(name=f"gpu-L{L}-D64", B=2, Hq=8, Hkv=4, L=L, D=64) for L in (1024, 4096)],
+    "smoke": [{"name": "smoke", "B": 1, "Hq": 2, "Hkv": 1, "L": 64, "D": 16}],
+    "cpu": [{"name": "cpu-L256-D16", "B": 1, "Hq": 4, "Hkv": 2, "L": 256, "D": 16},
+            {"name": "cpu-L512-D32", "B": 1, "Hq": 4, "Hkv": 2, "L": 512, "D": 32}],
+    "gpu": [{"name": f"gpu-L{L}-D64", "B": 2, "Hq": 8, "Hkv": 4, "L": L, "D": 64} for L in (1024, 4096)],
 }
 CG_ITERS = 32  # FlashLLA's cg_max_iters default
 RIDGE = 0.5

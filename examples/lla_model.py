@@ -20,7 +20,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import platform
 import time
@@ -35,12 +34,12 @@ from parallax_compile.models.lla import build_lla_model
 from parallax_compile.models.text import get_batch, train_val_split
 
 CONFIGS = {
-    "gpu": dict(model=dict(n_layer=4, n_head=8, n_kv_head=4, head_dim=16, n_embd=128, block_size=256),
-                batch=32, seq=128, pretrain=500, finetune=300, lr=2e-3, ft_lr=5e-4, eval_batches=20,
-                calib_tokens=16384),
-    "smoke": dict(model=dict(n_layer=2, n_head=4, n_kv_head=2, head_dim=8, n_embd=32, block_size=64),
-                  batch=8, seq=32, pretrain=40, finetune=20, lr=3e-3, ft_lr=1e-3, eval_batches=4,
-                  calib_tokens=2048),
+    "gpu": {"model": {"n_layer": 4, "n_head": 8, "n_kv_head": 4, "head_dim": 16, "n_embd": 128, "block_size": 256},
+                "batch": 32, "seq": 128, "pretrain": 500, "finetune": 300, "lr": 2e-3, "ft_lr": 5e-4, "eval_batches": 20,
+                "calib_tokens": 16384},
+    "smoke": {"model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "head_dim": 8, "n_embd": 32, "block_size": 64},
+                  "batch": 8, "seq": 32, "pretrain": 40, "finetune": 20, "lr": 3e-3, "ft_lr": 1e-3, "eval_batches": 4,
+                  "calib_tokens": 2048},
 }
 
 

@@ -26,7 +26,7 @@ query (``[B, H, L, Dv, D]`` in float64): keep calibration batches modest (thousa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, fx
@@ -35,8 +35,14 @@ from torch.utils import _pytree as pytree
 from .passes.capture import Capture, _split_inputs
 from .reference import cross_covariance_ref, lla_probe_ref
 
-__all__ = ["PROBE_INITS", "calibrate_lla_sites", "fit_lla_probe", "text_calibration", "token_batches",
-           "LLA_MATCH_TOLERANCE"]
+__all__ = [
+    "LLA_MATCH_TOLERANCE",
+    "PROBE_INITS",
+    "calibrate_lla_sites",
+    "fit_lla_probe",
+    "text_calibration",
+    "token_batches",
+]
 
 PROBE_INITS = ("calibrated", "zero")
 LLA_MATCH_TOLERANCE = 5e-2
@@ -296,7 +302,7 @@ def _plain_head_split(gm, probe, gate, inputs, x_n: fx.Node, q_n: fx.Node, r_n: 
 
 
 def _op_kw(op: fx.Node, site) -> dict:
-    return dict(scale=site.scale, causal=bool(op.args[6]), window_size=op.args[7])
+    return {"scale": site.scale, "causal": bool(op.args[6]), "window_size": op.args[7]}
 
 
 def _parallax(mu_v: Tensor, c_vk: Tensor, r: Tensor) -> Tensor:

@@ -133,7 +133,7 @@ def family_attention_ref(q: Tensor, k: Tensor, v: Tensor, member: FamilyMember, 
     :func:`~parallax_compile.reference.parallax_attention_ref` with the member's probe, or, without
     the intercept, ``sum_j s_ij (1 - r_i . k_j) v_j``. ``[B, Hq, Lq, Dv]``."""
     _check_probe(member, r)
-    kw = dict(causal=causal, window_size=window_size)
+    kw = {"causal": causal, "window_size": window_size}
     scale, attn_mask = _tempered(scale, attn_mask, member.bandwidth, q.shape[-1])
     if member.probe == "zero":
         r = torch.zeros_like(q)

@@ -9,10 +9,20 @@ import pytest
 import torch
 
 from parallax_compile.family import (
-    AFFINE_LINEAR, PARALLAX, SOFTMAX, FamilyMember, family_attention, family_attention_ref, lla,
+    AFFINE_LINEAR,
+    PARALLAX,
+    SOFTMAX,
+    FamilyMember,
+    family_attention,
+    family_attention_ref,
+    lla,
 )
 from parallax_compile.reference import (
-    allowed_keys, lla_attention_ref, lla_cg_attention_ref, lla_probe_ref, softmax_attention_ref,
+    allowed_keys,
+    lla_attention_ref,
+    lla_cg_attention_ref,
+    lla_probe_ref,
+    softmax_attention_ref,
 )
 
 F64 = torch.float64
@@ -157,7 +167,7 @@ def test_member_validation():
         FamilyMember(probe="solved", ridge=1.0, intercept=False)
     with pytest.raises(ValueError, match="bandwidth"):
         FamilyMember(bandwidth=0.0)
-    q, r, k, v = _inputs()
+    q, _r, k, v = _inputs()
     with pytest.raises(ValueError, match="needs r"):
         family_attention_ref(q, k, v, PARALLAX)
     assert math.isinf(AFFINE_LINEAR.bandwidth)

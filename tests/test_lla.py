@@ -20,7 +20,10 @@ from parallax_compile.models.text import byte_tokens
 from parallax_compile.passes.capture import capture
 from parallax_compile.passes.match import find_sites
 from parallax_compile.reference import (
-    allowed_keys, lla_attention_ref, lla_cg_attention_ref, parallax_attention_ref,
+    allowed_keys,
+    lla_attention_ref,
+    lla_cg_attention_ref,
+    parallax_attention_ref,
 )
 
 

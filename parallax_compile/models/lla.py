@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["LLAConfig", "LLAModel", "LLA_SOLVERS", "lla_core", "build_lla_model", "load_lla"]
+__all__ = ["LLA_SOLVERS", "LLAConfig", "LLAModel", "build_lla_model", "lla_core", "load_lla"]
 
 LLA_SOLVERS = {"lla": "solve", "lla-cg": "cg"}
 """Built-in model specs -> ``LLAConfig.solver``."""

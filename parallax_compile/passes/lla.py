@@ -26,8 +26,19 @@ import torch
 from torch import fx
 
 from .match import (
-    CASTS, DIVS, MULS, PRODUCTS, SOFTMAX, NoMatch, Skip, _site, _strip_scalar_scale, _untranspose,
-    _walk_logits, const_value, shape_of,
+    CASTS,
+    DIVS,
+    MULS,
+    PRODUCTS,
+    SOFTMAX,
+    NoMatch,
+    Skip,
+    _site,
+    _strip_scalar_scale,
+    _untranspose,
+    _walk_logits,
+    const_value,
+    shape_of,
 )
 from .site import AttentionSite, owner_path
 
@@ -182,7 +193,7 @@ def _match(gm, anchor: fx.Node, matrix: fx.Node, form: str, iterations: int | No
     q, q_scale = _strip_scalar_scale(gm, q)
     scale *= k_scale * q_scale
     # P @ X users of the weights: X = k (mu_k), X built from k (second moment), else v (mu_v).
-    near_k = lambda x: k in _ancestors_until(x, 12)  # noqa: E731
+    near_k = lambda x: k in _ancestors_until(x, 12)
     pvs = [u for u in sm.users if u.target in PRODUCTS and u.args[0] is sm and not near_k(u.args[1])]
     if len(pvs) != 1:
         raise Skip(f"{form}: expected one weights @ v product, found {len(pvs)}")
