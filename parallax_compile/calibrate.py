@@ -135,16 +135,18 @@ def _record(gm, inputs, wanted) -> dict:
 
 
 def _merge(values: list[dict], held: list[Tensor]) -> tuple[list[dict], list[Tensor]]:
-    """One batch out of several recorded calibration inputs when their shapes agree (one op call
-    per fit step instead of one per input); rank < 3 values (a shared mask) must be equal."""
+    """One batch out of several recorded calibration inputs when their shapes agree (one fit step
+    sees them all): values batched like the inputs (rank >= 3, dim 0 = the batch) are concatenated,
+    the others (a mask shared or broadcast over the batch) must be equal across inputs."""
     if len(values) < 2:
         return values, held
+    batch = held[0].shape[0]
     merged = {}
     for n, v0 in values[0].items():
         vs = [vals[n] for vals in values]
         if not all(isinstance(v, Tensor) and v.shape == v0.shape for v in vs):
             return values, held
-        if v0.dim() >= 3 and not (v0.dim() == 4 and v0.shape[0] == 1 and v0.dtype == torch.bool):
+        if v0.dim() >= 3 and v0.shape[0] == batch:
             merged[n] = torch.cat(vs)
         elif all(torch.equal(v, v0) for v in vs):
             merged[n] = v0
