@@ -5,7 +5,9 @@
 * ``parallax``: the converted model exported with :func:`parallax_compile.export_onnx` (one
   ``ai.parallax::ParallaxAttention`` node per site; stock ONNX Runtime inlines the model-local
   function: two matmuls more per site than softmax attention, and the probe projection);
-* ``parallax-double``: the same with the function body computing in double.
+* ``parallax-double``: the same with the function body computing in double;
+* ``parallax-kernel`` (only when onnxruntime-extensions is installed): the parallax file with the
+  optional kernel (:mod:`parallax_compile.export.ort_kernel`) registered instead of the function.
 
 The files are run in their own ``InferenceSession`` on the CPU execution provider (default
 graph optimisations, ORT's default thread count) on the same inputs: warm-up runs, then
@@ -46,14 +48,18 @@ def _cpu_info() -> str:
     return platform.processor() or platform.machine()
 
 
-def _time_sessions(paths: dict[str, Path], inputs: dict, warmup: int, repeats: int) -> dict:
+def _time_sessions(paths: dict[str, Path], inputs: dict, warmup: int, repeats: int, kernel: bool) -> dict:
     """Round-robin timing (one run of each file per round), so load from other processes on a
-    shared machine hits every variant alike. Returns per name the median/min times and the output."""
-    import onnxruntime as ort
-
+    shared machine hits every variant alike. Returns per name the median/min times and the output.
+    With ``kernel`` (onnxruntime-extensions installed), also ``parallax-kernel``: the parallax
+    file with the optional kernel registered instead of the inlined function."""
     from parallax_compile.export.onnx import run_onnx
+    from parallax_compile.export.ort_kernel import session
 
-    sessions = {n: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for n, p in paths.items()}
+    sessions = {n: session(p, fast_path=False) for n, p in paths.items()}
+    if kernel:
+        sessions["parallax-kernel"] = session(paths["parallax"], fast_path=True)
+        paths = {**paths, "parallax-kernel": paths["parallax"]}
     outs = {}
     for _ in range(warmup):
         for n, s in sessions.items():
@@ -67,6 +73,14 @@ def _time_sessions(paths: dict[str, Path], inputs: dict, warmup: int, repeats: i
     return {n: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
                 "times_ms": [round(1e3 * x, 3) for x in t], "output": torch.from_numpy(outs[n])}
             for n, t in times.items()}
+
+
+def _ortx_version() -> str | None:
+    try:
+        import onnxruntime_extensions
+    except ImportError:
+        return None
+    return onnxruntime_extensions.__version__
 
 
 def main() -> None:
@@ -106,10 +120,13 @@ def main() -> None:
         if not args.no_double:
             variants["parallax-double"] = pc.export_onnx(gm, path=Path(tmp) / "parallax64.onnx", opset=args.opset,
                                                          accumulate="double")
-        rows = _time_sessions(variants, inputs, args.warmup, args.repeats)
+        from parallax_compile.export.ort_kernel import fast_path_available
+
+        kernel = fast_path_available()
+        rows = _time_sessions(variants, inputs, args.warmup, args.repeats, kernel)
         for name, r in rows.items():
             r["max_rel_error_vs_pytorch"] = relative_error(r.pop("output"), want, loaded.valid_positions)
-            r["nodes"] = len(onnx.load(str(variants[name])).graph.node)
+            r["nodes"] = len(onnx.load(str(variants.get(name, variants["parallax"]))).graph.node)
             print(f"{name:16s} median {r['median_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms  "
                   f"rel. error vs PyTorch {r['max_rel_error_vs_pytorch']:.1e}")
     ratio = rows["parallax"]["median_ms"] / rows["original"]["median_ms"]
@@ -128,9 +145,11 @@ def main() -> None:
         "ratio_parallax_over_original_min": ratio_min,
         "load_average_at_start": load_avg,
         "target_ratio": 1.5,
-        "fast_path_kernel": "not built (stock ORT inlines the model-local function)",
+        "fast_path_kernel": ("parallax-kernel: onnxruntime-extensions Python op running the PyTorch op"
+                             if kernel else "onnxruntime-extensions not installed: not measured"),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                      "onnxscript": onnxscript.__version__, "parallax_compile": pc.__version__,
+                     "onnxruntime_extensions": _ortx_version(),
                      "python": platform.python_version()},
         "cpu": {"model": _cpu_info(), "logical_cores": os.cpu_count(),
                 "ort_intra_op_threads": "default"},

@@ -179,15 +179,17 @@ def parallax_nodes(proto) -> list:
     return [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def run_onnx(path: str | Path, inputs: dict[str, Any], *, session=None) -> list:
+def run_onnx(path: str | Path, inputs: dict[str, Any], *, session=None, fast_path: bool | None = None) -> list:
     """Run an exported file in ONNX Runtime (CPU) on keyword ``inputs`` (tensors by the model's
     input names; non-tensor entries such as ``use_cache`` are dropped, as the exporter folds them).
     Returns the outputs as numpy arrays, in the graph's output order. Pass an existing
-    ``onnxruntime.InferenceSession`` as ``session`` to reuse it."""
-    import onnxruntime as ort
-
+    ``onnxruntime.InferenceSession`` as ``session`` to reuse it; otherwise one is made by
+    :func:`parallax_compile.export.ort_kernel.session` (``fast_path``: the optional kernel,
+    used by default when onnxruntime-extensions is installed; False runs the function body)."""
     if session is None:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        from .ort_kernel import session as make_session
+
+        session = make_session(path, fast_path=fast_path)
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if not isinstance(inputs.get(n), torch.Tensor)]
     if missing:
