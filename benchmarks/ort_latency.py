@@ -7,7 +7,8 @@
   function: two matmuls more per site than softmax attention, and the probe projection);
 * ``parallax-double``: the same with the function body computing in double;
 * ``parallax-kernel`` (only when onnxruntime-extensions is installed): the parallax file with the
-  optional kernel (:mod:`parallax_compile.export.ort_kernel`) registered instead of the function.
+  optional Python kernel (:mod:`parallax_compile.export.ort_kernel`) registered instead of the
+  function (run with ``PYTHONPATH`` pointing at an onnxruntime-extensions install to measure it).
 
 The files are run in their own ``InferenceSession`` on the CPU execution provider (default
 graph optimisations, ORT's default thread count) on the same inputs: warm-up runs, then

@@ -224,15 +224,15 @@ def test_gemma3_270m(tmp_path):
 
 
 def test_fast_path_kernel_replaces_the_function(forms_onnx):
-    """With onnxruntime-extensions installed, the session uses the registered kernel (the PyTorch
-    op itself: bit-identical outputs) instead of inlining the function; without it, asking for
-    the fast path raises ImportError and the default runs the function body."""
+    """The default session runs the function body; with onnxruntime-extensions installed,
+    ``fast_path=True`` makes ONNX Runtime use the registered kernel (the PyTorch op itself:
+    bit-identical outputs) instead of inlining the function; without it, asking raises ImportError."""
     from parallax_compile.export.ort_kernel import fast_path_available
 
     inputs = _forms_inputs(2, 4, 6, seed=3)
     feed = dict(zip(("q", "r", "k", "v", "keep", "bias"), inputs))
     want = AllForms()(*inputs)
-    body = run_onnx(forms_onnx, feed, fast_path=False)
+    body = run_onnx(forms_onnx, feed)
     assert any(not torch.equal(torch.from_numpy(a), b) for a, b in zip(body, want)), "function body expected"
     if not fast_path_available():
         with pytest.raises(ImportError, match="onnxruntime-extensions"):

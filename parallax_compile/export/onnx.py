@@ -179,13 +179,13 @@ def parallax_nodes(proto) -> list:
     return [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def run_onnx(path: str | Path, inputs: dict[str, Any], *, session=None, fast_path: bool | None = None) -> list:
+def run_onnx(path: str | Path, inputs: dict[str, Any], *, session=None, fast_path: bool | None = False) -> list:
     """Run an exported file in ONNX Runtime (CPU) on keyword ``inputs`` (tensors by the model's
     input names; non-tensor entries such as ``use_cache`` are dropped, as the exporter folds them).
     Returns the outputs as numpy arrays, in the graph's output order. Pass an existing
     ``onnxruntime.InferenceSession`` as ``session`` to reuse it; otherwise one is made by
-    :func:`parallax_compile.export.ort_kernel.session` (``fast_path``: the optional kernel,
-    used by default when onnxruntime-extensions is installed; False runs the function body)."""
+    :func:`parallax_compile.export.ort_kernel.session` (``fast_path``: False runs the function
+    body; True / None the optional onnxruntime-extensions kernel, see that module)."""
     if session is None:
         from .ort_kernel import session as make_session
 
