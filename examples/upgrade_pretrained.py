@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "parallax_compile": pc.__version__, "model": args.model,
             "data": args.data, "train_tokens_available": len(train), "val_tokens": len(val),
             "tokens_per_run": args.steps * args.batch_size * args.seq_len,
-            "config": {k: v for k, v in vars(args).items() if k != "out"},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         },
         "sites_rewritten": len(info.rewritten),
         "upgrade_seconds": upgrade_s,
