@@ -232,7 +232,40 @@ def verify(converted: Path) -> None:
     console.print("[green]OK[/]")
 
 
-def _convert_for_export(model: str, seq_len, batch_size):
+def _convert_for_export(model: str, seq_len, batch_size) -> dict:
+    """What to export: MODEL converted now, or a saved conversion directory (``parallax-compile
+    convert -o DIR``: a ``model.pt2`` program, or a Hugging Face directory with its probes).
+    Returns the exporters' arguments (``source``, ``example_inputs``, ``dynamic_shapes``) and, for
+    the ONNX Runtime check, the PyTorch module, its keyword inputs and the valid positions."""
+    import torch
+
+    saved = Path(model)
+    if saved.is_dir() and (saved / "parallax.json").exists():
+        from .hf import from_pretrained, is_hf_dir
+        from .saving import MODEL_FILE, _read, load
+
+        if is_hf_dir(saved):  # probes restored; the attention calls the Parallax op
+            import json
+
+            from safetensors.torch import load_file
+
+            module = from_pretrained(saved, dtype=torch.float32).eval()
+            ref = load_file(saved / "reference.safetensors")
+            kwargs = {k[len("input."):]: v for k, v in ref.items() if k.startswith("input.")}
+            kwargs |= json.loads((saved / "parallax.json").read_text()).get("input_constants", {})
+            auto = torch.export.Dim.AUTO
+            dims = {k: ({0: auto, 1: auto} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
+            console.print(f"{saved}: saved Hugging Face conversion ({type(module).__name__})")
+            return dict(source=module, example_inputs=kwargs, dynamic_shapes=dims, module=module, inputs=kwargs,
+                        valid=None)
+        if (saved / MODEL_FILE).exists():
+            gm = load(saved)  # imports the pytree types its inputs/outputs need
+            _, args, kwargs, _ = _read(saved)
+            if args:
+                raise click.ClickException(f"{saved}: export takes models called with keyword inputs only")
+            console.print(f"{saved}: saved conversion, {len(gm.meta['parallax_report']['sites'])} site(s)")
+            return dict(source=torch.export.load(saved / MODEL_FILE), example_inputs=None, dynamic_shapes="auto",
+                        module=gm, inputs=kwargs, valid=None)
     from .convert import run_conversion
 
     loaded = _load(model, seq_len, batch_size)
@@ -242,7 +275,8 @@ def _convert_for_export(model: str, seq_len, batch_size):
     console.print(_summary(info))
     if not info.rewritten:
         raise click.ClickException("no attention site could be rewritten; nothing exported")
-    return loaded, gm
+    return dict(source=gm, example_inputs=None, dynamic_shapes="auto", module=gm, inputs=loaded.example_inputs,
+                valid=loaded.valid_positions)
 
 
 @main.group("export")
@@ -263,8 +297,9 @@ def export_group() -> None:
 @batch_opt
 @_friendly
 def export_onnx_cmd(model: str, output: Path, opset, fp16: bool, accumulate: str, seq_len, batch_size) -> None:
-    """Convert MODEL and write it as ONNX; then run the file in ONNX Runtime on the example
-    inputs and print its max relative error against PyTorch (non-padding positions)."""
+    """Convert MODEL (or take a saved conversion directory) and write it as ONNX; then run the
+    file in ONNX Runtime on the example inputs and print its max relative error against PyTorch
+    (non-padding positions)."""
     import onnx
     import torch
     from torch.utils import _pytree as pytree
@@ -273,18 +308,20 @@ def export_onnx_cmd(model: str, output: Path, opset, fp16: bool, accumulate: str
     from .export.onnx import export_onnx, parallax_nodes, run_onnx
     from .export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYPE
 
-    loaded, gm = _convert_for_export(model, seq_len, batch_size)
+    job = _convert_for_export(model, seq_len, batch_size)
     with err.status(f"Exporting to {output} (torch.onnx, dynamo) ..."):
-        export_onnx(gm, path=output, opset=opset, fp16=fp16, accumulate=accumulate)
+        export_onnx(job["source"], job["example_inputs"], output, dynamic_shapes=job["dynamic_shapes"],
+                    opset=opset, fp16=fp16, accumulate=accumulate)
     proto = onnx.load(str(output), load_external_data=False)
     console.print(f"wrote {output}: {len(parallax_nodes(proto))} {DOMAIN}::{OP_TYPE} v{DOMAIN_VERSION} node(s), "
                   f"opset {next(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))}; "
                   f"checker (full) OK")
     with err.status("Running it in ONNX Runtime ..."):
-        got = torch.from_numpy(run_onnx(output, loaded.example_inputs)[0]).float()
+        got = torch.from_numpy(run_onnx(output, job["inputs"])[0]).float()
         with torch.no_grad():
-            want = pytree.tree_leaves(gm(**loaded.example_inputs))[0]
-    console.print(f"ONNX Runtime vs PyTorch: max relative error {relative_error(got, want, loaded.valid_positions):.2e}")
+            want = pytree.tree_leaves(job["module"](**job["inputs"]))[0]
+    error = relative_error(got, want, job["valid"])
+    console.print(f"ONNX Runtime vs PyTorch: max relative error {error:.2e}")
 
 
 @export_group.command("mlir")
@@ -298,12 +335,13 @@ def export_onnx_cmd(model: str, output: Path, opset, fp16: bool, accumulate: str
 @batch_opt
 @_friendly
 def export_mlir_cmd(model: str, output: Path, output_type: str, seq_len, batch_size) -> None:
-    """Convert MODEL and write it as MLIR through torch-mlir."""
+    """Convert MODEL (or take a saved conversion directory) and write it as MLIR through torch-mlir."""
     from .export.mlir import export_mlir
 
-    _, gm = _convert_for_export(model, seq_len, batch_size)
+    job = _convert_for_export(model, seq_len, batch_size)
     with err.status(f"Importing into MLIR ({output_type}) ..."):
-        text = str(export_mlir(gm, output_type=output_type, path=output))
+        text = str(export_mlir(job["source"], job["example_inputs"], output, output_type=output_type,
+                               dynamic_shapes=job["dynamic_shapes"]))
     n = text.count('torch.operator "torch.parallax.attention"')
     console.print(f"wrote {output} ({output_type}, {len(text) / 1e6:.1f} MB of text; "
                   f"{n} Parallax operation(s) kept as torch.operator)")
