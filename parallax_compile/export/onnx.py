@@ -169,8 +169,10 @@ def _attention_type(proto) -> int | None:
     if len(found) > 1:
         raise ValueError(f"export_onnx: Parallax nodes with different input types {sorted(found)}; export "
                          "one dtype per model")
-    if not found and any(True for _ in parallax_nodes(proto)):
-        return 1  # FLOAT when shape inference left the type unknown
+    if not found and parallax_nodes(proto):
+        import onnx
+
+        return onnx.TensorProto.FLOAT  # shape inference left the type unknown: the common case
     return found.pop() if found else None
 
 
