@@ -1,7 +1,14 @@
 """parallax-compile: find the attention in a PyTorch model and rewrite it into Parallax form.
 
-Pipeline (one package per step): ``passes.capture`` -> ``passes.match`` -> ``passes.rewrite``
-(with ``passes.query_chain``) -> verify (``convert``), then ``saving`` / the exporters.
+Pipeline: match -> rewrite -> lower -> export.
+
+* match / rewrite: ``passes`` (``capture`` -> ``match``, ``lla``, ``parallax_pattern`` ->
+  ``query_chain`` -> ``rewrite``), verified by ``convert`` (graph models) or ``hf.upgrade``
+  (Hugging Face models stay transformers models); ``calibrate`` fits LLA probes;
+* lower: the one op (``op``, float64 oracle in ``reference``) with its kernels (``kernels``:
+  portable ``chunked``, Triton ``triton_parallax`` and ``triton_decode``), ``decode`` (KV cache) and
+  the ``torch.compile`` backend (``backend``, ``compiling``);
+* export: ``saving`` (model.pt2), ``export`` (ONNX with a custom-domain node, torch-mlir).
 """
 
 __version__ = "0.1.0"
