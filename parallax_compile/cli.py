@@ -8,6 +8,7 @@ model directory, or ``package.module:factory``. A user mistake prints one line a
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -152,8 +153,17 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
     from .saving import save
 
     loaded = _load(model, seq_len, batch_size)
-    if type(loaded.model).__module__.startswith("transformers.") and getattr(loaded.model, "can_generate", bool)():
-        return _convert_hf_causal_lm(model, loaded, output)
+    if _is_hf_causal_lm(loaded.model):
+        if probe != "linear" or calibration_text is not None:
+            raise click.UsageError("--probe gated and --calibration-text apply to the graph conversion; a Hugging Face "
+                                   "causal LM is upgraded in place with the plain probe r = W_R x")
+        from .hf import NotUpgradable
+
+        try:
+            return _convert_hf_causal_lm(model, loaded, output)
+        except NotUpgradable as e:  # e.g. GPT-2's fused c_attn: the graph converter handles it
+            err.print(f"[yellow]note[/]: {e}\n  -> converting the captured graph instead (saved as model.pt2; "
+                      "not a transformers model)")
     with err.status("Converting (capture, match, rewrite, verify) ..."):
         from .calibrate import text_calibration
 
@@ -176,6 +186,15 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
                       f"model: relative RMS error {info.lla_output_error:.2e} (at W_R = 0: "
                       f"{info.lla_output_error_zero:.2e}). Fine-tune to close the gap.")
     console.print(f"saved to {output}  (check it with: parallax-compile verify {output})")
+
+
+def _is_hf_causal_lm(model) -> bool:
+    """A decoder-only transformers model that generates and dispatches attention through
+    ``AttentionInterface`` (encoder-decoders such as T5 and encoders take the graph path)."""
+    from .hf import is_hf_model
+
+    return (is_hf_model(model) and getattr(model, "can_generate", bool)()
+            and not getattr(model.config, "is_encoder_decoder", False))
 
 
 def _convert_hf_causal_lm(model: str, loaded, output: Path) -> None:
@@ -221,8 +240,9 @@ def verify(converted: Path) -> None:
         table.add_row(e["node"], e["dtype"], f"{e['error']:.2e}", f"{e['tolerance']:.0e}")
     console.print(table)
     nonzero = sum(1 for v in report.probe_norms.values() if v > 0)
-    console.print(f"probes: {len(report.probe_norms)} ({nonzero} non-zero); "
-                  f"outputs at W_R = 0 vs original: max relative error {report.output_error:.2e}")
+    compared = (f"max relative error {report.output_error:.2e}" if math.isfinite(report.output_error)
+                else "not compared (see the note)")
+    console.print(f"probes: {len(report.probe_norms)} ({nonzero} non-zero); outputs at W_R = 0 vs original: {compared}")
     for note in report.notes:
         console.print(f"note: {note}")
     if not report.ok:
@@ -328,7 +348,7 @@ def export_onnx_cmd(model: str, output: Path, opset, fp16: bool, accumulate: str
 @model_arg
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="MLIR text file to write.")
-@click.option("--output-type", type=click.Choice(["raw", "torch", "linalg-on-tensors", "stablehlo", "tosa"]),
+@click.option("--output-type", type=click.Choice(["raw", "torch", "linalg-on-tensors", "stablehlo"]),
               default="raw", show_default=True,
               help="raw keeps Parallax as one torch.operator; the others decompose it (reference math).")
 @seq_opt

@@ -98,7 +98,8 @@ def _pytree_modules(module: fx.GraphModule) -> list[str]:
         t = getattr(spec, "type", None)
         if t is not None and getattr(t, "__module__", "builtins") not in ("builtins", "collections"):
             found.add(t.__module__)
-        for child in getattr(spec, "children_specs", []) or []:
+        children = spec.children() if callable(getattr(spec, "children", None)) else getattr(spec, "children_specs", [])
+        for child in children or []:  # torch >= 2.13: children(); older: the children_specs list
             walk(child)
 
     walk(getattr(module, "_out_spec", None))

@@ -136,3 +136,21 @@ def test_user_mistakes_are_one_line(args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-t5"])
+def test_convert_takes_the_graph_path_when_in_place_upgrade_cannot(tmp_path, spec):
+    """GPT-2 (fused c_attn: not upgradable in place) and T5 (encoder-decoder) are converted through
+    the captured graph and saved as model.pt2, which verify accepts."""
+    out = tmp_path / spec
+    result = CliRunner().invoke(main, ["convert", spec, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.pt2").is_file() and not (out / "config.json").exists()
+    if spec == "tiny-gpt2":
+        assert "converting the captured graph instead" in result.output
+    assert _run("verify", str(out)).exit_code == 0
+
+
+def test_convert_hf_causal_lm_refuses_graph_only_options(tmp_path):
+    result = CliRunner().invoke(main, ["convert", "tiny-llama", "-o", str(tmp_path / "x"), "--probe", "gated"])
+    assert result.exit_code != 0 and "--probe gated" in result.output

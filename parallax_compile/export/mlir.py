@@ -2,7 +2,7 @@
 
 * ``raw``: the ``torch.export`` graph as MLIR; each Parallax site stays one
   ``torch.operator "torch.parallax.attention"`` operation (for a compiler that brings its own kernel).
-* ``torch``, ``linalg-on-tensors``, ``stablehlo`` (and ``tosa``): torch-mlir cannot legalise an
+* ``torch``, ``linalg-on-tensors``, ``stablehlo``: torch-mlir cannot legalise an
   unknown op, so the op is first decomposed into ATen ops: the portable kernel's forward block
   (:func:`parallax_compile.kernels.chunked.forward_block`, SPEC section 3) over all query rows at
   once, in fp32 (fp64 for fp64 inputs). Batch and sequence dims stay dynamic.
@@ -20,7 +20,7 @@ from .program import program
 
 __all__ = ["OUTPUT_TYPES", "decompose_attention", "export_mlir"]
 
-OUTPUT_TYPES = ("raw", "torch", "linalg-on-tensors", "stablehlo", "tosa")
+OUTPUT_TYPES = ("raw", "torch", "linalg-on-tensors", "stablehlo")  # tosa: fails to legalise aten.size.int (dynamic dims)
 
 
 def decompose_attention(q, r, k, v, attn_mask=None, scale=None, causal=False, window_size=None):

@@ -15,10 +15,12 @@ Needs the ``models`` extra (transformers).
 
 from .attention import ATTN_IMPLEMENTATION, parallax_attention_forward, register
 from .saving import is_hf_dir, save_hf, verify_hf
-from .upgrade import add_probes, find_probe_sites, from_pretrained, is_hf_model, remove_probes, upgrade
+from .upgrade import (NotUpgradable, add_probes, find_probe_sites, from_pretrained, is_hf_model, remove_probes,
+                      upgrade)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "NotUpgradable",
     "add_probes",
     "find_probe_sites",
     "from_pretrained",

@@ -33,6 +33,12 @@ from . import attention
 __all__ = ["add_probes", "find_probe_sites", "from_pretrained", "is_hf_model", "remove_probes", "upgrade"]
 
 
+class NotUpgradable(RuntimeError):
+    """The model cannot be upgraded in place (no site whose query projection is an ``nn.Linear``
+    child of its attention module, e.g. GPT-2's fused ``c_attn``); nothing was changed. The graph
+    converter (:func:`parallax_compile.convert`) may still handle it."""
+
+
 def is_hf_model(model) -> bool:
     """A transformers ``PreTrainedModel`` that dispatches attention through ``AttentionInterface``."""
     try:
@@ -158,7 +164,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
     sites, plan, cap = find_probe_sites(model, example_inputs, dynamic_dims=dynamic_dims)
     if not plan:
         reasons = "; ".join(sorted({s.reason for s in sites if s.reason})) or "no attention found"
-        raise RuntimeError(f"no attention site of {type(model).__name__} can be upgraded: {reasons}")
+        raise NotUpgradable(f"no attention site of {type(model).__name__} can be upgraded: {reasons}")
     args, kwargs = _split(example_inputs)
     with torch.no_grad():
         ref = _outputs(model(*args, **kwargs))

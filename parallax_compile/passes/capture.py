@@ -138,9 +138,33 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
                 raise RuntimeError("torch.export could not capture the model (" + "; ".join(errors) + ")")
     finally:
         model.train(was_training)
+    if shapes is not None:
+        fixed = _specialised_dims(ep, dynamic_dims)
+        if fixed:  # Dim.AUTO keeps a dim static when tracing equates it with a constant (e.g. L == head_dim)
+            note = "static shapes (export specialised " + ", ".join(fixed) + "; try other example sizes)"
+            shapes = None
     gm = unlift(ep)
     _strip_asserts(gm)
     return Capture(gm=gm, args=args, kwargs=kwargs, dynamic=shapes is not None, note=note, dynamic_shapes=shapes)
+
+
+def _specialised_dims(ep, dynamic_dims) -> list[str]:
+    """Requested-dynamic dims of the user inputs that the exported program kept static, as
+    ``"input_ids dim 1 = 16"``; inputs are matched to placeholders by name (positional inputs whose
+    names export changed are not checked)."""
+    users = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in users else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        if dynamic_dims is not None:
+            dims = dynamic_dims.get(node.name) or ()
+        else:
+            dims = range(min(2, val.dim())) if val.dim() >= 2 else ()
+        out += [f"{node.name} dim {d} = {val.shape[d]}" for d in dims
+                if d < val.dim() and isinstance(val.shape[d], int) and val.shape[d] > 1]
+    return out
 
 
 class _Recorder(fx.Interpreter):
