@@ -70,6 +70,21 @@ def test_generate_at_zero_probe_is_the_original(upgraded):
     assert model.config._attn_implementation == "parallax"
 
 
+@pytest.mark.parametrize("n_prompt", [1, 7])
+def test_generate_with_a_static_cache_at_zero_probe(upgraded, n_prompt):
+    """A static cache hands the attention the whole pre-allocated cache (empty slots included) and
+    no mask at prefill: the Parallax path must still see only the real keys, like SDPA."""
+    _family, original, model, _ = upgraded
+    for p in (p for n, p in model.named_parameters() if n.endswith("r_proj.weight")):
+        p.data.zero_()
+    ids, _ = _prompt(model.config.vocab_size, [n_prompt])
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
+    with torch.no_grad():
+        want = original.generate(input_ids=ids, **kw)
+        got = model.generate(input_ids=ids, **kw)
+    assert torch.equal(got, want)
+
+
 def test_probes_change_the_output(upgraded):
     _, original, model, _ = upgraded
     _randomise_probes(model)

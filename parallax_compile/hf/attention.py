@@ -33,7 +33,6 @@ from ..op import parallax_attention
 __all__ = ["ATTN_IMPLEMENTATION", "CALLS", "parallax_attention_forward", "register"]
 
 ATTN_IMPLEMENTATION = "parallax"
-MAX_DECODE_TOKENS = 16
 
 CALLS: dict[int, int] = {}
 """``id(module) -> calls`` while :data:`RECORD` is on (the upgrade checks every probed module ran)."""
@@ -81,8 +80,11 @@ def parallax_attention_forward(
         mask = mask[..., :lk]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     no_grad = not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, r, key, value))
-    decode = lq < lk and lq <= MAX_DECODE_TOKENS and no_grad and causal
-    if decode and (mask is None or (lq == 1 and mask.dtype == torch.bool and bool(mask.all()))):
+    # The kvcache kernel (end-aligned, every cached key valid) equals what SDPA does only for one new
+    # token: with several queries and no mask SDPA's `is_causal` is top-left (a static cache at
+    # prefill: the first Lq keys), handled below.
+    decode = lq == 1 < lk and no_grad and causal
+    if decode and (mask is None or (mask.dtype == torch.bool and bool(mask.all()))):
         seqlens = torch.full((b,), lk, dtype=torch.int32, device=q.device)
         out = parallax_attention_with_kvcache(q, r, key, value, cache_seqlens=seqlens, scale=scaling,
                                               window_size=sliding_window)

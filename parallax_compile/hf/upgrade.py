@@ -188,7 +188,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if floats:
             gen = torch.Generator().manual_seed(0)
-            loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype)).sum() for t in floats)
+            loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype).to(t.device)).sum() for t in floats)
             grads = torch.autograd.grad(loss, probes, allow_unused=True)
             bad = [o for o, g in zip(owners, grads) if g is None or not bool(torch.isfinite(g).all())]
             if bad:
