@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -142,7 +143,12 @@ def _triton_decode():
     """The Triton decode kernels, imported lazily; None when triton is missing or broken."""
     try:
         from .kernels import triton_decode
-    except Exception:  # noqa: BLE001
+    except ImportError:
+        return None  # no triton: the portable path, as documented
+    except Exception as e:  # noqa: BLE001 - a broken install: say so once, then the portable path
+        warnings.warn(f"parallax_attention_with_kvcache: the Triton decode kernel could not be imported "
+                      f"({type(e).__name__}: {e}); using the portable path (slower on CUDA)", RuntimeWarning,
+                      stacklevel=3)
         return None
     return triton_decode
 

@@ -184,6 +184,32 @@ def test_tiny_llama_gqa_padding_from_the_cli(tiny_llama, tmp_path):
     assert kinds <= {0, 1}
 
 
+def test_tiny_llama_with_live_probes(tiny_llama, tmp_path):
+    """Random W_R (the correction branch active, through the model's real q chain): ORT equals
+    PyTorch at the export shape and at another batch / length."""
+    loaded, gm = tiny_llama
+    probes = [p for n, p in gm.named_parameters() if n.endswith("r_proj.weight")]
+    saved = [p.detach().clone() for p in probes]
+    gen = torch.Generator().manual_seed(5)
+    try:
+        with torch.no_grad():
+            for p in probes:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        path = export_onnx(gm, path=tmp_path / "llama_probes.onnx")
+        with torch.no_grad():
+            moved = _main(gm(**loaded.example_inputs))
+        other = load_model("tiny-llama", seq_len=19, batch_size=3)
+        _check_model_in_ort(loaded, gm, path, other=(other.example_inputs, other.valid_positions))
+        with torch.no_grad():
+            for p in probes:
+                p.zero_()
+            assert relative_error(moved, _main(gm(**loaded.example_inputs)), loaded.valid_positions) > 1e-3
+    finally:
+        with torch.no_grad():
+            for p, s0 in zip(probes, saved):
+                p.copy_(s0)
+
+
 def test_fp16_export_runs(tiny_llama, tmp_path):
     loaded, gm = tiny_llama
     path = export_onnx(gm, path=tmp_path / "llama16.onnx", fp16=True)

@@ -14,7 +14,7 @@ def program(model, example_inputs: Any = None, dynamic_shapes: Any = "auto") -> 
     without ``example_inputs`` on its own example inputs and dynamic dims (what
     :func:`parallax_compile.saving.exported_program` saves); otherwise ``model`` on
     ``example_inputs`` (a Tensor, tuple, dict or ``(args, kwargs)``) with ``dynamic_shapes``
-    (``"auto"``: static). Raises ``ValueError`` when example inputs are needed and missing."""
+    (``"auto"``: the conversion's dynamic dims for a converted module, else static). Raises ``ValueError`` when example inputs are needed and missing."""
     if isinstance(model, torch.export.ExportedProgram):
         return model
     info = getattr(model, "meta", {}).get("parallax") if isinstance(model, torch.fx.GraphModule) else None
@@ -30,5 +30,7 @@ def program(model, example_inputs: Any = None, dynamic_shapes: Any = "auto") -> 
     from ..passes.capture import _split_inputs
 
     args, kwargs = _split_inputs(example_inputs)
-    return torch.export.export(model, tuple(args), dict(kwargs),
-                               dynamic_shapes=None if dynamic_shapes == "auto" else dynamic_shapes, strict=False)
+    shapes = dynamic_shapes
+    if dynamic_shapes == "auto":  # a converted module keeps its conversion's dynamic dims (inputs named as
+        shapes = info.dynamic_shapes if info is not None else None  # its example inputs); others: static
+    return torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=shapes, strict=False)
