@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_parallax import _dot  # the one fp32-accumulating tile GEMM (interpreter bf16 upcast)
+
 __all__ = [
     "parallax_decode",
     "parallax_decode_fwd_kernel",
@@ -94,14 +96,6 @@ def _prune(configs, named_args, **kwargs):
 
     keep = [c for c in configs if footprint(c) <= SMEM_BUDGET] or [min(configs, key=footprint)]
     return keep if AUTOTUNE else keep[:1]
-
-
-@triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
