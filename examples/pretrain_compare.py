@@ -173,7 +173,8 @@ def evaluate(model: LM, val: Tensor, args, device) -> float:
     return sum(losses) / len(losses)
 
 
-def train_one(attention: str, opt_kind: str, train: Tensor, val: Tensor, args, device) -> dict:
+def train_one(attention: str, opt_kind: str, train: Tensor, val: Tensor, args, device, seed: int) -> dict:
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     torch.manual_seed(args.seed)  # same init for the shared weights (W_R is drawn last)
     cfg = Config(n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head, n_kv_head=args.n_kv_head,
                  head_dim=args.d_model // args.n_head, d_ff=args.d_ff, seq_len=args.seq_len, attention=attention)
@@ -210,23 +211,53 @@ def train_one(attention: str, opt_kind: str, train: Tensor, val: Tensor, args, d
     if device.type == "cuda":
         torch.cuda.synchronize()
     final = curve[-1]["val_loss"]
-    return {"attention": attention, "optimizer": opt_kind, "params": sum(p.numel() for p in model.parameters()),
+    return {"attention": attention, "optimizer": opt_kind, "seed": seed,
+            "params": sum(p.numel() for p in model.parameters()),
             "tokens": tokens, "seconds": time.perf_counter() - t0, "final_val_loss": final,
             "final_val_bits_per_byte": final / math.log(2), "curve": curve}
 
 
+def summarize(results: list[dict]) -> dict:
+    """Per ``attention:optimizer``: mean, sample standard deviation and seeds of the final
+    validation loss; per optimizer, Parallax - softmax and whether it exceeds the seed noise
+    (``|delta| > std_softmax + std_parallax``)."""
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        groups.setdefault(f"{r['attention']}:{r['optimizer']}", []).append(r["final_val_loss"])
+    summary = {}
+    for key, vals in groups.items():
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+        summary[key] = {"mean": mean, "std": std, "n": len(vals), "values": vals}
+    for opt_kind in ("muon", "adamw"):
+        s, p = summary.get(f"softmax:{opt_kind}"), summary.get(f"parallax:{opt_kind}")
+        if s is not None and p is not None:
+            delta = p["mean"] - s["mean"]  # < 0: Parallax better
+            noise = (s["std"] or 0.0) + (p["std"] or 0.0)
+            summary[f"delta_{opt_kind}"] = {"mean": delta, "seed_noise": noise,
+                                            "exceeds_noise": abs(delta) > noise if s["std"] is not None else None}
+    return summary
+
+
 def plot(results: list[dict], path: Path) -> None:
+    """Mean validation curve per ``attention:optimizer`` with a band of one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        pts = r["curve"][1:]
-        ax.plot([p["tokens"] / 1e6 for p in pts], [p["val_loss"] for p in pts],
-                label=f"{r['attention']} + {r['optimizer']} ({r['final_val_loss']:.4f})",
-                linestyle="-" if r["optimizer"] == "muon" else "--")
+        groups.setdefault((r["attention"], r["optimizer"]), []).append(r)
+    for (attention, opt_kind), runs in groups.items():
+        pts = [p["tokens"] / 1e6 for p in runs[0]["curve"][1:]]
+        ys = torch.tensor([[p["val_loss"] for p in r["curve"][1:]] for r in runs], dtype=torch.float64)
+        mean = ys.mean(0)
+        std = ys.std(0) if len(runs) > 1 else torch.zeros_like(mean)
+        line, = ax.plot(pts, mean.tolist(), label=f"{attention} + {opt_kind} ({mean[-1]:.4f}, n={len(runs)})",
+                        linestyle="-" if opt_kind == "muon" else "--")
+        ax.fill_between(pts, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2, color=line.get_color())
     ax.set_xlabel("training tokens (M bytes)")
     ax.set_ylabel("validation loss (nats / byte)")
     ax.set_title("Parallax vs softmax attention, same model, data and tokens")
@@ -256,6 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default Inductor)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="*", help="several seeds per run (default: --seed)")
+    p.add_argument("--name", default="pretrain_compare", help="output file stem under --out")
     p.add_argument("--smoke", action="store_true", help="tiny CPU configuration (2 layers, d 64, 6 steps)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--plot", type=Path, metavar="JSON", help="only draw the PNG next to a results JSON")
@@ -277,10 +310,11 @@ def main(argv=None) -> dict:
     train, val = gutenberg.train_val_split() if args.data == "shakespeare" else text.train_val_split(0.1)
     print(f"# data {args.data}: {len(train):,} train / {len(val):,} val bytes; device {device}", flush=True)
     results = []
-    for run in args.runs:
-        attention, opt_kind = run.split(":")
-        results.append(train_one(attention, opt_kind, train, val, args, device))
-        out = _write(results, train, val, args, device)  # after every run: a cut-short call keeps them
+    for seed in args.seeds or [args.seed]:
+        for run in args.runs:
+            attention, opt_kind = run.split(":")
+            results.append(train_one(attention, opt_kind, train, val, args, device, seed))
+            out = _write(results, train, val, args, device)  # after every run: a cut-short call keeps them
     return out
 
 
@@ -299,14 +333,10 @@ def _write(results: list[dict], train: Tensor, val: Tensor, args, device) -> dic
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    summary = {f"{r['attention']}:{r['optimizer']}": r["final_val_loss"] for r in results}
-    for opt_kind in ("muon", "adamw"):
-        s, p = summary.get(f"softmax:{opt_kind}"), summary.get(f"parallax:{opt_kind}")
-        if s is not None and p is not None:
-            summary[f"delta_{opt_kind}"] = p - s  # < 0: Parallax better
+    summary = summarize(results)
     out = {"info": info, "summary": summary, "runs": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "pretrain_compare_smoke" if args.smoke else "pretrain_compare"
+    name = f"{args.name}_smoke" if args.smoke else args.name
     (args.out / f"{name}.json").write_text(json.dumps(out, indent=2))
     try:
         plot(results, args.out / f"{name}.png")

@@ -21,6 +21,7 @@ from .export import export_mlir, export_onnx
 from .decode import parallax_attention_with_kvcache
 from .op import parallax_attention
 from .passes.site import AttentionSite
+from .probes import is_probe, named_probe_parameters, probe_parameters
 from .saving import load, save, verify
 
 if "transformers" in sys.modules:  # register the "parallax" attention implementation (else: parallax_compile.hf)
@@ -41,9 +42,12 @@ __all__ = [
     "export_mlir",
     "export_onnx",
     "find_attention",
+    "is_probe",
     "load",
+    "named_probe_parameters",
     "parallax_attention",
     "parallax_attention_with_kvcache",
+    "probe_parameters",
     "save",
     "verify",
 ]

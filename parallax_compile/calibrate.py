@@ -33,6 +33,7 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from .passes.capture import Capture, _split_inputs
+from .passes.rewrite import gain_path
 from .reference import cross_covariance_ref, lla_probe_ref
 
 __all__ = [
@@ -240,8 +241,11 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
         return (f"the site's output differs from LLA with lambda={site.ridge:g} by {match:.2e} "
                 f"(relative RMS, above {LLA_MATCH_TOLERANCE:g}): not converted")
     probe = gm.get_submodule(path)
+    gain = gm.get_parameter(gain_path(path))
     gate = _gate(gm, path)
     d_in = probe.weight.shape[1]
+    with torch.no_grad():
+        gain.fill_(1.0)  # the calibrated probe is r = W_R x: gain one (zero gain: r = 0, softmax)
     plain = _plain_head_split(gm, probe, gate, inputs[0], chain.x, q_n, r_n)
     if not plain:
         fit["note"] = ("calibration needs the probe to be a plain head split of the query projection "
@@ -270,7 +274,7 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
             fit["probe_init"], w = "zero", None
     site.max_error = fit["output_error_calibrated"] if w is not None else fit["output_error_zero"]
     with torch.no_grad():
-        probe.weight.zero_()
+        gain.fill_(1.0 if w is not None else 0.0)  # zero: W_R keeps its random start (SPEC section 7)
         if w is not None:
             # With the gate at its initial value sigmoid(0) = 1/2, W_R = 2 W gives r = W x.
             probe.weight.copy_((w * (2.0 if gate is not None else 1.0)).to(probe.weight))

@@ -8,25 +8,30 @@ import torch
 
 from .backend import parallax_backend
 from .convert import run_conversion
+from .probes import gain_name
 
 __all__ = ["compile_model"]
 
 
 def _register_probes(model: torch.nn.Module, gm: torch.fx.GraphModule, info) -> list[str]:
-    """Attach each probe of ``gm`` (``<owner>.r_proj``) to the owning module of ``model`` itself,
-    so ``model.parameters()`` yields the very Parameter objects the compiled graph reads."""
+    """Attach each probe of ``gm`` (``<owner>.r_proj``) and its gain (``<owner>.r_gain``) to the
+    owning module of ``model`` itself, so ``model.parameters()`` yields the very Parameter objects
+    the compiled graph reads."""
     names = []
     for site in info.rewritten:
         path = site.probe.rsplit(".", 1)[0]  # "<owner>.r_proj[_N]"
         owner, _, name = path.rpartition(".")
-        probe = gm.get_submodule(path)
         target = model.get_submodule(owner) if owner else model
-        existing = getattr(target, name, None)
-        if existing is not None and existing is not probe:
-            raise RuntimeError(
-                f"parallax_compile.compile: `{owner or type(model).__name__}` already has an attribute "
-                f"`{name}`; cannot register the probe W_R of the attention there")
-        target.add_module(name, probe)
+        gain = gain_name(name)
+        added = {name: gm.get_submodule(path), gain: gm.get_parameter(f"{owner}.{gain}" if owner else gain)}
+        for attr, obj in added.items():
+            existing = getattr(target, attr, None)
+            if existing is not None and existing is not obj:
+                raise RuntimeError(
+                    f"parallax_compile.compile: `{owner or type(model).__name__}` already has an attribute "
+                    f"`{attr}`; cannot register the probe of the attention there")
+        target.add_module(name, added[name])
+        target.register_parameter(gain, added[gain])
         names.append(site.probe)
     return names
 
@@ -37,7 +42,7 @@ def compile_model(model: torch.nn.Module, example_inputs, *, convert: bool = Tru
 
     With ``convert=True`` the model is converted as :func:`parallax_compile.convert` does (capture
     with ``torch.export`` on ``example_inputs``, rewrite every provably equivalent attention into
-    ``torch.ops.parallax.attention`` with a zero-initialised probe ``W_R``, verify), and each probe
+    ``torch.ops.parallax.attention`` with a probe ``W_R`` and a zero gain, verify), and each probe
     is registered on the owning module of ``model`` (``<owner>.r_proj``): ``model.parameters()``
     and ``model.state_dict()`` then include the probes, and they are the same ``Parameter``
     objects the compiled graph trains. **Build the optimizer after this call** (an optimizer

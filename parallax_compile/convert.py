@@ -19,8 +19,9 @@ from torch.utils import _pytree as pytree
 from .passes.capture import Capture, capture, record
 from .passes.match import Skip, find_sites
 from .passes.query_chain import find_query_chain, locate_query_block
-from .passes.rewrite import probe_path, rewrite_site
+from .passes.rewrite import gain_path, probe_path, remove_probe, rewrite_site
 from .passes.site import AttentionSite
+from .probes import check_continuity, is_probe
 
 __all__ = ["find_attention", "convert", "run_conversion", "ConversionInfo", "relative_error", "TOLERANCE"]
 
@@ -50,6 +51,9 @@ class ConversionInfo:
     covers the exact sites, with the LLA sites left as they were)."""
     lla_output_error_zero: float | None = None
     """The same with every LLA probe at zero, for comparison (what ``--probe-init zero`` gives)."""
+    continuity: dict | None = None
+    """:func:`parallax_compile.probes.check_continuity` of the exact sites' gains: the outputs'
+    relative change for a step of ``eps`` on every gain, and how linear it is."""
 
     @property
     def approximate(self) -> list[AttentionSite]:
@@ -88,11 +92,6 @@ def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:
             ra = torch.where(keep, r.abs(), 0)
             scale = max(scale, ra.max().item() if ra.numel() else 0.0)
     return diff / scale if scale > 0 else diff
-
-
-def is_probe(name: str) -> bool:
-    """Whether a parameter name is a Parallax probe (``<owner>.r_proj[_N].weight``)."""
-    return name.split(".")[-2].startswith("r_proj") if "." in name else False
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -213,17 +212,18 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         added[id(s)][0]["out"].replace_all_uses_with(s.nodes["out"])
     gm.recompile()
     worst = _check_model(cap, gm, [s for s in sites if s not in lla], added, ref_out, valid_positions)
+    continuity = _check_continuity(cap, gm, [s for s in sites if s not in lla], added, ref_out)
     lla_errors = _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration)
     gm.graph.eliminate_dead_code()  # only now: a revert needs the original attention nodes
     for site in sites:
         if id(site) in added and not site.rewritable:
-            gm.delete_submodule(added[id(site)][1])
-            gm.delete_submodule(added[id(site)][1] + "_gate")
+            remove_probe(gm, added[id(site)][1])
     gm.graph.lint()
     gm.recompile()
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
-                          reference_outputs=ref_out, weights_digest=weights_digest(gm), **lla_errors)
+                          reference_outputs=ref_out, weights_digest=weights_digest(gm), continuity=continuity,
+                          **lla_errors)
     gm.meta["parallax"] = info
     return gm, info
 
@@ -279,7 +279,7 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
     live = [s for s in sites if s.rewritable]
     if not live:
         return 0.0
-    probes = {id(s): gm.get_parameter(s.probe) for s in live}
+    probes = {id(s): gm.get_parameter(gain_path(added[id(s)][1])) for s in live}
     out = cap.run(gm)
     worst, ok = _outputs_error(out, ref_out, valid_positions)
     floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -297,8 +297,7 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
     for s in live:
         if id(s) in bad_grad:
             new, path = added[id(s)]
-            _revert(gm, s, new, path, "the probe's gradient is not finite at W_R = 0 "
-                    "(e.g. a per-head norm without eps)")
+            _revert(gm, s, new, path, "the probe gain's gradient is missing or not finite at r = 0")
     if not ok:
         for s in live:
             if s.rewritable:
@@ -308,6 +307,27 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
         gm.recompile()
         worst, _ = _outputs_error(cap.run(gm), ref_out, valid_positions)
     return worst
+
+
+def _check_continuity(cap, gm, sites, added, ref_out) -> dict | None:
+    """A small step on the gains must move the outputs in proportion (SPEC section 7); a site whose
+    own step does not is reverted."""
+    live = [s for s in sites if s.rewritable]
+    if not live:
+        return None
+    gains = {id(s): gm.get_parameter(gain_path(added[id(s)][1])) for s in live}
+    result = check_continuity(lambda: cap.run(gm), list(gains.values()), ref_out)
+    if result["ok"]:
+        return result
+    for s in live:
+        own = check_continuity(lambda: cap.run(gm), [gains[id(s)]], ref_out)
+        if not own["ok"]:
+            new, path = added[id(s)]
+            _revert(gm, s, new, path, f"a step of {own['eps']:g} on the probe gain does not change the "
+                    f"outputs in proportion (linearity error {own['linearity_error']:.2f})")
+    gm.recompile()
+    live = [s for s in live if s.rewritable]
+    return check_continuity(lambda: cap.run(gm), [gains[id(s)] for s in live], ref_out) if live else None
 
 
 def find_attention(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, valid_positions=None) -> list[AttentionSite]:

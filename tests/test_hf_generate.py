@@ -28,10 +28,13 @@ FAMILIES = ["llama", "qwen3", "mistral", "gemma3"]
 
 
 def _randomise_probes(model, seed=0, std=0.1):
+    """Random ``W_R`` and gains of about one (the probes switched on)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("r_proj.weight"):
+        for name, p in parallax_compile.named_probe_parameters(model):
+            if name.endswith("r_gain"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..decode import parallax_attention_with_kvcache
 from ..op import parallax_attention
+from ..probes import apply_gain
 
 __all__ = ["ATTN_IMPLEMENTATION", "CALLS", "parallax_attention_forward", "register"]
 
@@ -43,9 +44,10 @@ OBSERVERS: list = []
 
 
 def _split_probe(module, query: Tensor) -> tuple[Tensor, Tensor]:
+    """``query = [q; chain(W_R x)]`` -> ``(q, r)`` with ``r = r_gain * chain(W_R x)`` per head."""
     if getattr(module, "parallax_probe", False):
         hq = query.shape[1] // 2
-        return query[:, :hq], query[:, hq:]
+        return query[:, :hq], apply_gain(query[:, hq:], module.r_gain)
     return query, torch.zeros_like(query)
 
 

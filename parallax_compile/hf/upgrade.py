@@ -6,21 +6,25 @@
    (:func:`parallax_compile.convert.prepare_sites`). A site is upgraded when its owning module has
    that projection as an ``nn.Linear`` child producing exactly the query heads (a fused QKV
    projection is skipped with its reason).
-2. **Upgrade** (module level, no graph): each owning module gets a zero ``r_proj =
-   nn.Linear(in, Hq * D, bias=False)`` and a forward hook on its query projection that appends
+2. **Upgrade** (module level, no graph): each owning module gets ``r_proj = nn.Linear(in, Hq * D,
+   bias=False)`` (``W_R``, random like ``W_Q``), a zero per-head gain ``r_gain [Hq]`` (SPEC section
+   7, :mod:`parallax_compile.probes`) and a forward hook on its query projection that appends
    ``r_proj(x)`` to the projection's output, so the module's own query chain (head reshape, per-head
-   norm, rotary embedding) produces ``[q; r]``; the model switches to the ``parallax`` attention
-   implementation (:mod:`parallax_compile.hf.attention`). ``config.parallax_probes`` lists the
-   owners, so :func:`from_pretrained` can rebuild the probes.
-3. **Verify**: at ``W_R = 0`` the model's outputs equal the original's on the example inputs
-   (non-padding positions, :data:`parallax_compile.convert.TOLERANCE`), every owner's attention ran
-   through the Parallax function, and the probes' gradients are finite. Otherwise everything is
-   undone and ``RuntimeError`` says why.
+   norm, rotary embedding) produces ``[q; r_raw]``; the attention function multiplies ``r_raw`` by the
+   gain. The model switches to the ``parallax`` attention implementation
+   (:mod:`parallax_compile.hf.attention`). ``config.parallax_probes`` lists the owners, so
+   :func:`from_pretrained` can rebuild the probes.
+3. **Verify**: at zero gain (``r = 0``) the model's outputs equal the original's on the example
+   inputs (non-padding positions, :data:`parallax_compile.convert.TOLERANCE`), every owner's
+   attention ran through the Parallax function, the gains' gradients are finite, and a small step on
+   the gains moves the outputs in proportion (:func:`parallax_compile.probes.check_continuity`).
+   Otherwise everything is undone and ``RuntimeError`` says why.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 from ..convert import TOLERANCE, ConversionInfo, relative_error, weights_digest
+from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
 
 __all__ = ["add_probes", "find_probe_sites", "from_pretrained", "is_hf_model", "remove_probes", "upgrade"]
@@ -86,10 +91,21 @@ def _append_probe(owner, _module, args, out):
     return torch.cat([out, F.linear(args[0], owner.r_proj.weight)], dim=-1)
 
 
+def _query_heads(model, owner, proj) -> int:
+    head_dim = getattr(owner, "head_dim", None) or getattr(model.config, "head_dim", None)
+    if not head_dim:
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+    if proj.out_features % head_dim:
+        raise ValueError(f"the query projection of `{type(owner).__name__}` has {proj.out_features} outputs, "
+                         f"not a multiple of head_dim={head_dim}")
+    return proj.out_features // head_dim
+
+
 def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q_proj") -> None:
-    """Give each owner module (path) a zero ``r_proj`` shaped like its query projection (no bias)
-    and the hook that stacks ``r`` behind ``q``; switch the model to ``parallax`` attention and
-    record the owners in ``config.parallax_probes`` (``{owner: projection attribute}``)."""
+    """Give each owner module (path) ``r_proj`` shaped like its query projection (no bias; random
+    like ``W_Q``), a zero gain ``r_gain [Hq]``, and the hook that stacks ``W_R x`` behind ``W_Q x``;
+    switch the model to ``parallax`` attention and record the owners in ``config.parallax_probes``
+    (``{owner: projection attribute}``)."""
     attention.register()
     names = {}
     for owner_path in owners:
@@ -99,7 +115,9 @@ def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q
         if not hasattr(owner, "r_proj"):
             owner.r_proj = torch.nn.Linear(proj.in_features, proj.out_features, bias=False,
                                            device=proj.weight.device, dtype=proj.weight.dtype)
-            torch.nn.init.zeros_(owner.r_proj.weight)
+            init_probe_weight(owner.r_proj.weight, proj.weight)
+        if not hasattr(owner, "r_gain"):
+            owner.r_gain = new_gain(_query_heads(model, owner, proj), proj.weight)
         owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
         owner.parallax_probe = True
         names[owner_path] = name
@@ -115,7 +133,7 @@ def remove_probes(model, owners, previous_impl: str) -> None:
         if hook is not None:
             hook.remove()
             del owner._parallax_hook
-        for attr in ("r_proj", "parallax_probe"):
+        for attr in ("r_proj", "r_gain", "parallax_probe"):
             if hasattr(owner, attr):
                 delattr(owner, attr)
     if hasattr(model.config, "parallax_probes"):
@@ -184,15 +202,19 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         worst, ok = _max_error(out, ref, valid_positions)
         if not ok:
             raise RuntimeError(f"the model's outputs changed by {worst:.2e} (relative) at W_R = 0")
-        probes = [model.get_submodule(o).r_proj.weight for o in owners]
+        gains = [model.get_submodule(o).r_gain for o in owners]
         floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if floats:
             gen = torch.Generator().manual_seed(0)
             loss = sum((t @ torch.randn(t.shape[-1:], generator=gen, dtype=t.dtype).to(t.device)).sum() for t in floats)
-            grads = torch.autograd.grad(loss, probes, allow_unused=True)
+            grads = torch.autograd.grad(loss, gains, allow_unused=True)
             bad = [o for o, g in zip(owners, grads) if g is None or not bool(torch.isfinite(g).all())]
             if bad:
-                raise RuntimeError(f"the probe gradient of {bad} is missing or not finite at W_R = 0")
+                raise RuntimeError(f"the probe gain gradient of {bad} is missing or not finite at r = 0")
+        continuity = check_continuity(lambda: _outputs(model(*args, **kwargs)), gains, out)
+        if not continuity["ok"]:
+            raise RuntimeError(f"a step of {continuity['eps']:g} on the probe gains does not change the outputs "
+                               f"in proportion (linearity error {continuity['linearity_error']:.2f})")
     except Exception:
         remove_probes(model, owners, previous)
         raise
@@ -201,7 +223,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
             s.max_error = worst
     return ConversionInfo(sites=sites, dynamic=False, note=cap.note, max_output_error=worst,
                           reference_outputs=ref.detach(), weights_digest=weights_digest(model),
-                          example_args=args, example_kwargs=kwargs)
+                          example_args=args, example_kwargs=kwargs, continuity=continuity)
 
 
 def _probe_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
@@ -240,9 +262,17 @@ def from_pretrained(path, *, auto_class: str = "AutoModelForCausalLM", **kwargs)
         hf_logging.set_verbosity(level)
     add_probes(model, list(probes), proj_name=dict(probes))
     names = {f"{o}.r_proj.weight" for o in probes}
-    tensors = _probe_tensors(path, names)
-    if set(tensors) != names:
+    gains = {f"{o}.r_gain" for o in probes}
+    tensors = _probe_tensors(path, names | gains)
+    if not names <= set(tensors):
         raise ValueError(f"{path}: probe weights missing from the checkpoint: {sorted(names - set(tensors))}")
+    if not gains & set(tensors):
+        # Saved before the gain existed (r = chain(W_R x)): a gain of one keeps that model.
+        warnings.warn(f"{path}: no probe gains (`r_gain`) in the checkpoint (saved by an older version); "
+                      "loading with r_gain = 1, which computes what that version did", stacklevel=2)
+        tensors.update({g: torch.ones_like(model.get_parameter(g)) for g in gains})
+    elif not gains <= set(tensors):
+        raise ValueError(f"{path}: probe gains missing from the checkpoint: {sorted(gains - set(tensors))}")
     with torch.no_grad():
         for name, t in tensors.items():
             p = model.get_parameter(name)

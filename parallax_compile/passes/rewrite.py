@@ -1,8 +1,11 @@
 """Rewrite: replace one matched site by ``torch.ops.parallax.attention`` with a new probe ``W_R``.
 
 The probe is an ``nn.Linear(in_features, query features, bias=False)`` registered as
-``<owning module>.r_proj`` and initialised to zero, so the rewritten model computes exactly
-what it did before (SPEC section 2: ``r = 0`` gives softmax attention).
+``<owning module>.r_proj`` (initialised at random like ``W_Q``) and a per-head gain
+``<owning module>.r_gain`` ``[Hq]`` initialised to zero, applied after the replayed query chain
+(:mod:`parallax_compile.probes`, SPEC section 7), so the rewritten model computes exactly what it
+did before (SPEC section 2: ``r = 0`` gives softmax attention) and a step on the gain changes it
+in proportion to the step.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from functools import reduce
 import torch
 from torch import fx
 
+from ..probes import gain_name, init_probe_weight, new_gain
 from .match import shape_of, val
 from .query_chain import QueryChain, replay
 from .site import AttentionSite
@@ -37,6 +41,29 @@ def probe_path(gm: fx.GraphModule, owner: str, taken: set[str]) -> str:
         path = f"{base}_{i}"
     taken.add(path)
     return path
+
+
+def gain_path(probe: str) -> str:
+    """``<owner>.r_proj[_N]`` -> ``<owner>.r_gain[_N]``."""
+    owner, _, attr = probe.rpartition(".")
+    return f"{owner}.{gain_name(attr)}" if owner else gain_name(attr)
+
+
+def remove_probe(gm: fx.GraphModule, path: str) -> None:
+    """Delete the probe ``path``, its gate and its gain from ``gm`` (a reverted site)."""
+    gm.delete_submodule(path)
+    gm.delete_submodule(path + "_gate")
+    owner, _, attr = gain_path(path).rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if attr in mod._parameters:
+        del mod._parameters[attr]
+
+
+def _heads(site: AttentionSite, q: fx.Node) -> int:
+    shape = shape_of(q) or ()
+    if len(shape) == 4 and isinstance(shape[1], int):
+        return shape[1]
+    return site.num_heads if isinstance(site.num_heads, int) and site.num_heads > 0 else 1
 
 
 def _exists(gm, path):
@@ -88,6 +115,30 @@ def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> 
     return keep if keep is not None else add
 
 
+def _query_block(w_q: torch.Tensor, chain: QueryChain) -> torch.Tensor:
+    """The rows (or columns, for a ``x @ W`` projection) of ``W_Q`` that produce ``q``."""
+    if w_q.dim() == 2 and w_q.shape[0] == chain.fused_width:
+        return w_q[chain.offset:chain.offset + chain.out_features]
+    if w_q.dim() == 2 and w_q.shape[-1] == chain.fused_width:
+        return w_q[:, chain.offset:chain.offset + chain.out_features]
+    return w_q
+
+
+def _gain(graph: fx.Graph, r: fx.Node, path: str, heads: int, rank: int, dtype: torch.dtype) -> fx.Node:
+    """``r`` times the per-head gain (:func:`parallax_compile.probes.apply_gain` as ATen nodes);
+    ``dtype``: the gain's."""
+    g = graph.get_attr(path)
+    if val(r) is not None and val(r).dtype != dtype:
+        g = _call(graph, aten.to.dtype, g, val(r).dtype)
+    if heads > 1 and rank == 4:
+        return _call(graph, aten.mul.Tensor, r, _call(graph, aten.view.default, g, [heads, 1, 1]))
+    if heads > 1:  # [B * H, L, D], batch-major
+        r4 = _call(graph, aten.unflatten.int, r, 0, [-1, heads])
+        r4 = _call(graph, aten.mul.Tensor, r4, _call(graph, aten.view.default, g, [heads, 1, 1]))
+        return _call(graph, aten.flatten.using_ints, r4, 0, 1)
+    return _call(graph, aten.mul.Tensor, r, _call(graph, aten.view.default, g, []))
+
+
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, path: str,
                  probe: str = "linear") -> dict[str, fx.Node]:
     """Insert the probe, the replayed chain and the op before the site's output; reroute its users.
@@ -102,25 +153,29 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
     out = site.nodes["out"]
     w_q = _fetch(gm, chain.weight)
     w_r = torch.nn.Linear(chain.in_features, chain.out_features, bias=False, device=w_q.device, dtype=w_q.dtype)
-    torch.nn.init.zeros_(w_r.weight)
+    init_probe_weight(w_r.weight, _query_block(w_q, chain))
     gm.add_submodule(path, w_r)
+    heads = _heads(site, site.nodes["q"])
+    g_owner, _, g_attr = gain_path(path).rpartition(".")
+    (gm.get_submodule(g_owner) if g_owner else gm).register_parameter(g_attr, new_gain(heads, w_q))
     with graph.inserting_before(out):
         w = graph.get_attr(f"{path}.weight")
         r = _call(graph, aten.linear.default, chain.x, w)
-        heads = site.num_heads
-        if probe == "gated" and isinstance(heads, int) and heads > 0 and chain.out_features % heads == 0:
-            gate = torch.nn.Linear(chain.in_features, heads, bias=False, device=w_q.device, dtype=w_q.dtype)
+        g_heads = site.num_heads
+        if probe == "gated" and isinstance(g_heads, int) and g_heads > 0 and chain.out_features % g_heads == 0:
+            gate = torch.nn.Linear(chain.in_features, g_heads, bias=False, device=w_q.device, dtype=w_q.dtype)
             torch.nn.init.zeros_(gate.weight)
             gm.add_submodule(f"{path}_gate", gate)
             g = _call(graph, aten.sigmoid.default,
                       _call(graph, aten.linear.default, chain.x, graph.get_attr(f"{path}_gate.weight")))
-            r = _call(graph, aten.unflatten.int, r, -1, [heads, chain.out_features // heads])
+            r = _call(graph, aten.unflatten.int, r, -1, [g_heads, chain.out_features // g_heads])
             r = _call(graph, aten.flatten.using_ints, _call(graph, aten.mul.Tensor, r, _call(
                 graph, aten.unsqueeze.default, g, -1)), -2)
         if chain.out_features != chain.fused_width:
             pad = [chain.offset, chain.fused_width - chain.offset - chain.out_features]
             r = _call(graph, aten.constant_pad_nd.default, r, pad)
         r = replay(gm, chain, r)
+        r = _gain(graph, r, gain_path(path), heads, site.nodes["rank"], w_q.dtype)
         q, k, v = site.nodes["q"], site.nodes["k"], site.nodes["v"]
         if site.nodes["k_transposed"]:
             k = _call(graph, aten.transpose.int, k, -2, -1)
