@@ -116,9 +116,9 @@ def check_continuity(run, gains: list[nn.Parameter], reference, *, eps: float | 
     current gains (zero after a conversion). The gains are set to ``eps * u`` and ``2 * eps * u``
     (``u``: random signs per head, seeded) and restored. Returns ``{"eps", "relative_change"
     (||d1|| / ||reference||), "linearity_error" (||d2 - 2 d1|| / ||d2||), "ok"}``: ``ok`` when the
-    response is finite and linear to first order (``linearity_error`` below 0.05 in fp32/fp64,
-    0.3 in half precision) -- a jump (RMSNorm's scale invariance with a zero ``W_R``) gives
-    ``d2 ~ d1`` and a linearity error near 1/2."""
+    response is finite and linear to first order (``linearity_error`` at most 0.3 in fp32/fp64,
+    0.5 in half precision) -- a jump (RMSNorm's scale invariance with a zero ``W_R``) gives
+    ``d2 ~ d1`` and a linearity error near 1."""
     from torch.utils import _pytree as pytree
 
     def floats(out):
@@ -153,5 +153,5 @@ def check_continuity(run, gains: list[nn.Parameter], reference, *, eps: float | 
     n1, n2 = norm(d1), norm(d2)
     nref = norm([torch.where(k, r, 0) for r, k in zip(ref, keep)])
     lin = norm([b - 2 * a for a, b in zip(d1, d2)]) / n2 if n2 > 0 else 0.0
-    ok = finite and lin <= (0.3 if low else 0.05)
+    ok = finite and lin <= (0.5 if low else 0.3)
     return {"eps": eps, "relative_change": n1 / nref if nref > 0 else n1, "linearity_error": lin, "ok": ok}
