@@ -21,13 +21,12 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from ..convert import TOLERANCE, ConversionInfo, relative_error, weights_digest
+from ..checks import TOLERANCE, relative_error, tensor_digests, weights_digest
+from ..convert import ConversionInfo
 from . import attention
 
 __all__ = ["add_probes", "find_probe_sites", "from_pretrained", "is_hf_model", "remove_probes", "upgrade"]
@@ -83,7 +82,8 @@ def find_probe_sites(model, example_inputs, *, dynamic_dims=None):
 
 
 def _append_probe(owner, _module, args, out):
-    return torch.cat([out, F.linear(args[0], owner.r_proj.weight)], dim=-1)
+    # Call the module (not its weight): a wrapper such as a PEFT LoRA layer on r_proj takes part.
+    return torch.cat([out, owner.r_proj(args[0])], dim=-1)
 
 
 def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q_proj") -> None:
@@ -199,52 +199,25 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
     for s in sites:
         if s.rewritable:
             s.max_error = worst
-    return ConversionInfo(sites=sites, dynamic=False, note=cap.note, max_output_error=worst,
+    # The model stays a transformers model run eagerly: any batch size and length (the capture above
+    # only served to find the sites).
+    info = ConversionInfo(sites=sites, dynamic=True, note="", max_output_error=worst,
                           reference_outputs=ref.detach(), weights_digest=weights_digest(model),
-                          example_args=args, example_kwargs=kwargs)
+                          digests=tensor_digests(model), example_args=args, example_kwargs=kwargs)
+    from .auto import to_parallax
+    from .saving import conversion_record
+
+    to_parallax(model, conversion_record(info))
+    return info
 
 
-def _probe_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def from_pretrained(path, **kwargs):
+    """Load a Hugging Face conversion directory (``save_pretrained`` after :func:`upgrade`, or
+    ``parallax-compile convert``): the transformers model of class ``Parallax<Base>`` with
+    ``attn_implementation="parallax"`` and its probes. ``kwargs`` go to ``from_pretrained``
+    (``dtype``, ``device_map``...). Same as ``AutoModelForCausalLM.from_pretrained(path)`` after
+    ``import parallax_compile``, and also reads directories written before that. Raises
+    ``ValueError`` when the directory holds no Parallax model."""
+    from .auto import load_pretrained
 
-    found = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key in names:
-                    found[key] = fh.get_tensor(key)
-    return found
-
-
-def from_pretrained(path, *, auto_class: str = "AutoModelForCausalLM", **kwargs):
-    """Load a model saved after :func:`upgrade` (``save_pretrained``): the transformers model with
-    ``attn_implementation="parallax"``, its probes rebuilt from ``config.parallax_probes`` and their
-    weights read from the checkpoint. ``kwargs`` go to ``from_pretrained`` (``dtype``,
-    ``device_map``...). Raises ``ValueError`` when the directory holds no Parallax model."""
-    import transformers
-
-    attention.register()
-    path = Path(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    probes = getattr(config, "parallax_probes", None)
-    if not probes:
-        raise ValueError(f"{path} is not a Parallax model: its config.json has no `parallax_probes`")
-    kwargs.setdefault("attn_implementation", attention.ATTN_IMPLEMENTATION)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the probes are "unexpected keys" to the plain class: loaded below
-    try:
-        model = getattr(transformers, auto_class).from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    add_probes(model, list(probes), proj_name=dict(probes))
-    names = {f"{o}.r_proj.weight" for o in probes}
-    tensors = _probe_tensors(path, names)
-    if set(tensors) != names:
-        raise ValueError(f"{path}: probe weights missing from the checkpoint: {sorted(names - set(tensors))}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            p = model.get_parameter(name)
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-    return model
+    return load_pretrained(path, **kwargs)
