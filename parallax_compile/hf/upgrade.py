@@ -81,6 +81,17 @@ def find_probe_sites(model, example_inputs, *, dynamic_dims=None):
     return sites, plan, cap
 
 
+def _follow_projection(name, owner, _args):
+    """Forward pre-hook of an owner: keep the probe hook on the module that is its query projection
+    now. A wrapper (a PEFT LoRA layer) replaces ``q_proj`` and calls the old one as its base layer:
+    the hook moves to the wrapper, so ``r`` is appended once, after the wrapper's own output."""
+    proj = getattr(owner, name)
+    if not any(isinstance(h, functools.partial) and h.func is _append_probe and h.args[0] is owner
+               for h in proj._forward_hooks.values()):
+        owner._parallax_hook.remove()
+        owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
+
+
 def _append_probe(owner, _module, args, out):
     # Call the module (not its weight): a wrapper such as a PEFT LoRA layer on r_proj takes part.
     return torch.cat([out, owner.r_proj(args[0])], dim=-1)
@@ -101,6 +112,7 @@ def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q
                                            device=proj.weight.device, dtype=proj.weight.dtype)
             torch.nn.init.zeros_(owner.r_proj.weight)
         owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
+        owner._parallax_follow = owner.register_forward_pre_hook(functools.partial(_follow_projection, name))
         owner.parallax_probe = True
         names[owner_path] = name
     model.config.parallax_probes = names
@@ -111,10 +123,11 @@ def remove_probes(model, owners, previous_impl: str) -> None:
     """Undo :func:`add_probes`."""
     for owner_path in owners:
         owner = model.get_submodule(owner_path)
-        hook = getattr(owner, "_parallax_hook", None)
-        if hook is not None:
-            hook.remove()
-            del owner._parallax_hook
+        for attr in ("_parallax_hook", "_parallax_follow"):
+            hook = getattr(owner, attr, None)
+            if hook is not None:
+                hook.remove()
+                delattr(owner, attr)
         for attr in ("r_proj", "parallax_probe"):
             if hasattr(owner, attr):
                 delattr(owner, attr)
