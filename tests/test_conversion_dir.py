@@ -297,11 +297,9 @@ def test_cli_convert_output_safety(tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = _cli("convert", "nanogpt", "--seq-len", "16", "-o", out)  # another model
     assert proc.returncode == 1 and "another model" in proc.stderr + proc.stdout
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as a user that can write anywhere")
-    proc = _cli("convert", "tests.test_conversion_dir:factory", "-o", locked / "sub")
+    blocker = tmp_path / "a-file"  # -o under a file: cannot be created (chmod would not stop root)
+    blocker.write_text("")
+    proc = _cli("convert", "tests.test_conversion_dir:factory", "-o", blocker / "sub")
     assert proc.returncode == 1 and "not a writable directory" in proc.stderr + proc.stdout
     assert "attention site(s) found" not in proc.stdout
 
