@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def factory():
     """``tests.test_conversion_dir:factory``: a 2-layer encoder (nn.MultiheadAttention), no ``dynamic_dims``."""
+    torch.manual_seed(0)  # the same weights in every process (the CLI runs it in a subprocess)
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
-    torch.manual_seed(0)
     return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), {"src": torch.randn(2, 5, 32)}
 
 
