@@ -135,6 +135,17 @@ def _summary(info) -> str:
     return f"{n} attention site(s) found, {k} rewritten, {n - k} skipped; {shapes}"
 
 
+def _shapes_line(manifest: dict) -> str:
+    """What a saved conversion's manifest says about its shapes (the same words as :func:`_summary`)."""
+    dims = manifest.get("dynamic_dims")
+    if dims is None:  # written before the manifest recorded them
+        return "dynamic batch/sequence" if manifest.get("dynamic") else (manifest.get("capture_note") or "static shapes")
+    if not any(dims.values()):
+        return manifest.get("capture_note") or "static shapes"
+    listed = ", ".join(f"{k} dims {'/'.join(map(str, v))}" for k, v in dims.items() if v)
+    return f"dynamic batch/sequence ({listed})"
+
+
 model_arg = click.argument("model", required=False, default=DEFAULT_MODEL)
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 seq_opt = click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per example sequence.")
@@ -199,18 +210,22 @@ def inspect(model: str, seq_len, batch_size, as_json: bool) -> None:
 @click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text for the LLA calibration (as byte ids; default: built-in prose).")
 @json_opt
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT even when it holds something else (files, another model's or a fine-tuned conversion).")
 @_friendly
-def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, calibration_text, as_json) -> None:
+def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, calibration_text, as_json, overwrite) -> None:
     """Convert MODEL to Parallax attention, verify it and save it to OUTPUT.
 
     Softmax attention sites are converted exactly (checked at W_R = 0). Local Linear Attention
     sites are converted approximately (a learned probe replaces the per-query solve) and reported
     with their fit error."""
+    from .conversion_dir import check_output
     from .convert import run_conversion
     from .saving import save
 
     if as_json:
         _json_mode()
+    check_output(output, source=_source(model), overwrite=overwrite)  # before any work: writable, not someone else's
     loaded = _load(model, seq_len, batch_size)
     if _is_hf_causal_lm(loaded.model):
         if probe != "linear" or calibration_text is not None:
@@ -219,7 +234,7 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
         from .hf import NotUpgradable
 
         try:
-            info = _convert_hf_causal_lm(model, loaded, output)
+            info = _convert_hf_causal_lm(model, loaded, output, overwrite)
             return _print_json(_conversion_json(info, output, "hf")) if as_json else None
         except NotUpgradable as e:  # e.g. GPT-2's fused c_attn: the graph converter handles it
             err.print(f"[yellow]note[/]: {e}\n  -> converting the captured graph instead (saved as model.pt2; "
@@ -237,7 +252,7 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
     if not info.rewritten:
         raise click.ClickException("no attention site could be rewritten; nothing saved")
     with _step(f"Saving to {output}"):
-        save(gm, output, source=loaded.spec)
+        save(gm, output, source=_source(model), overwrite=overwrite)
     if len(info.rewritten) > len(info.approximate):  # exact (softmax) sites
         console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
     if info.approximate:
@@ -265,7 +280,12 @@ def _is_hf_causal_lm(model) -> bool:
             and not getattr(model.config, "is_encoder_decoder", False))
 
 
-def _convert_hf_causal_lm(model: str, loaded, output: Path):
+def _source(model: str) -> str:
+    """The spec recorded as a conversion's ``source`` (a model directory as an absolute path)."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
+def _convert_hf_causal_lm(model: str, loaded, output: Path, overwrite: bool):
     """A Hugging Face causal LM stays a transformers model: upgraded in place (probes on the attention
     modules, ``parallax`` attention implementation) and written as a Hugging Face model directory."""
     from .hf import save_hf, upgrade
@@ -281,10 +301,11 @@ def _convert_hf_causal_lm(model: str, loaded, output: Path):
 
         tokenizer_dir = gemma3_270m_dir()
     with _step(f"Saving to {output}"):
-        save_hf(loaded.model, info, output, source=loaded.spec, tokenizer_dir=tokenizer_dir)
+        save_hf(loaded.model, output, source=_source(model), tokenizer_dir=tokenizer_dir, overwrite=overwrite)
     console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
-    console.print(f"saved a Hugging Face model directory to {output}  (load it with "
-                  f"parallax_compile.hf.from_pretrained({str(output)!r}); check it with: parallax-compile verify {output})")
+    console.print(f"saved a Hugging Face model directory to {output}  (load it with parallax_compile.load("
+                  f"{str(output)!r}) or AutoModelForCausalLM.from_pretrained after import parallax_compile; "
+                  f"check it with: parallax-compile verify {output})")
     return info
 
 
@@ -295,16 +316,13 @@ def _convert_hf_causal_lm(model: str, loaded, output: Path):
 def verify(converted: Path, as_json: bool) -> None:
     """Re-check a saved conversion: the op against the float64 reference, and the outputs at
     W_R = 0 against the original model's saved outputs."""
+    from .conversion_dir import read_manifest
     from .saving import verify as run_verify
 
     if as_json:
         _json_mode()
     with _step(f"Verifying {converted}"):
-        if (converted / "config.json").is_file():  # a Hugging Face directory from a causal LM conversion
-            from .hf import is_hf_dir, verify_hf
-
-            run_verify = verify_hf if is_hf_dir(converted) else run_verify
-        report = run_verify(converted)
+        report = run_verify(converted)  # every kind of conversion directory
     table = Table(title=f"{converted}: Parallax nodes vs float64 reference")
     for col in ("node", "dtype", "rel. RMS error", "tolerance"):
         table.add_column(col)
@@ -315,6 +333,7 @@ def verify(converted: Path, as_json: bool) -> None:
     compared = (f"max relative error {report.output_error:.2e}" if math.isfinite(report.output_error)
                 else "not compared (see the note)")
     console.print(f"probes: {len(report.probe_norms)} ({nonzero} non-zero); outputs at W_R = 0 vs original: {compared}")
+    console.print(f"shapes: {_shapes_line(read_manifest(converted))}")
     for note in report.notes:
         console.print(f"note: {note}")
     if as_json:
@@ -337,18 +356,19 @@ def _convert_for_export(model: str, seq_len, batch_size, *, upgrade_hf: bool = F
     (as ``convert`` does; it then exports with its KV cache) instead of converted as a graph."""
     import torch
 
+    from .conversion_dir import is_conversion_dir, read_manifest
+
     saved = Path(model)
-    if saved.is_dir() and (saved / "parallax.json").exists():
-        from .hf import from_pretrained, is_hf_dir
+    if saved.is_dir() and is_conversion_dir(saved):
         from .saving import MODEL_FILE, _read, load
 
-        if is_hf_dir(saved):  # probes restored; the attention calls the Parallax op
+        if read_manifest(saved)["kind"] == "huggingface":  # the trained probes; the attention calls the Parallax op
             from safetensors.torch import load_file
 
-            module = from_pretrained(saved, dtype=torch.float32).eval()
+            module = load(saved, dtype=torch.float32).eval()
             ref = load_file(saved / "reference.safetensors")
             kwargs = {k[len("input."):]: v for k, v in ref.items() if k.startswith("input.")}
-            kwargs |= json.loads((saved / "parallax.json").read_text()).get("input_constants", {})
+            kwargs |= read_manifest(saved).get("input_constants", {})
             auto = torch.export.Dim.AUTO
             dims = {k: ({0: auto, 1: auto} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
             console.print(f"{saved}: saved Hugging Face conversion ({type(module).__name__})")

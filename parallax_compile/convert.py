@@ -16,6 +16,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from .checks import TOLERANCE, relative_error, tensor_digests, weights_digest
 from .passes.capture import Capture, capture, record
 from .passes.match import Skip, find_sites
 from .passes.query_chain import find_query_chain, locate_query_block
@@ -23,10 +24,9 @@ from .passes.rewrite import gain_path, probe_path, remove_probe, rewrite_site
 from .passes.site import AttentionSite
 from .probes import check_continuity, is_probe
 
-__all__ = ["find_attention", "convert", "run_conversion", "ConversionInfo", "relative_error", "TOLERANCE"]
-
-# Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# TOLERANCE, relative_error, is_probe and weights_digest live in .checks (re-exported here).
+__all__ = ["find_attention", "convert", "run_conversion", "ConversionInfo", "relative_error", "TOLERANCE",
+           "is_probe", "weights_digest"]
 
 
 @dataclass
@@ -42,6 +42,9 @@ class ConversionInfo:
     weights_digest: str = ""
     """sha256 of the non-probe weights at conversion: ``verify`` compares against the original
     outputs only while these are unchanged (probes-only fine-tuning)."""
+    digests: dict = field(default_factory=dict, repr=False)
+    """Per tensor of the converted module's ``state_dict`` (probes included), its digest
+    (:func:`~parallax_compile.checks.tensor_digests`): the conversion directory records them."""
     example_args: tuple = field(default=(), repr=False)
     example_kwargs: dict = field(default_factory=dict, repr=False)
     dynamic_shapes: Any = field(default=None, repr=False)
@@ -67,43 +70,6 @@ class ConversionInfo:
     @property
     def skipped(self) -> list[AttentionSite]:
         return [s for s in self.sites if not s.rewritable]
-
-
-def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:
-    """``max |new - ref| / max |ref|`` over the positions where ``ref`` is finite (and ``valid``,
-    a bool ``[B, L]`` matched against the first two dims); ``inf`` when ``new`` is not finite
-    where ``ref`` is. Works block by block: a language model's logits can be gigabytes."""
-    new, ref = new.detach(), ref.detach()
-    if ref.dim() < 2:
-        new, ref = new.reshape(1, 1, -1), ref.reshape(1, 1, -1)
-    use_valid = valid is not None and tuple(ref.shape[:2]) == tuple(valid.shape)
-    diff, scale = 0.0, 0.0
-    for b in range(ref.shape[0]):
-        for i0 in range(0, ref.shape[1], 64):
-            a, r = new[b, i0:i0 + 64], ref[b, i0:i0 + 64]
-            if use_valid:
-                rows = valid[b, i0:i0 + 64]
-                a, r = a[rows], r[rows]
-            keep = torch.isfinite(r)
-            if bool((keep & ~torch.isfinite(a)).any()):
-                return math.inf
-            d = torch.where(keep, (a - r).abs(), 0)
-            diff = max(diff, d.max().item() if d.numel() else 0.0)
-            ra = torch.where(keep, r.abs(), 0)
-            scale = max(scale, ra.max().item() if ra.numel() else 0.0)
-    return diff / scale if scale > 0 else diff
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over the names and bytes of every parameter and buffer that is not a probe."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if not is_probe(name):
-            h.update(name.encode())
-            h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _tol(t: torch.Tensor) -> float:
@@ -222,7 +188,8 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     gm.recompile()
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
-                          reference_outputs=ref_out, weights_digest=weights_digest(gm), continuity=continuity,
+                          reference_outputs=ref_out, weights_digest=weights_digest(gm), digests=tensor_digests(gm),
+                          continuity=continuity,
                           **lla_errors)
     gm.meta["parallax"] = info
     return gm, info

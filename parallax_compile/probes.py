@@ -85,6 +85,8 @@ def gain_name(probe_attr: str) -> str:
 def init_probe_weight(w_r: Tensor, w_q: Tensor, generator: torch.Generator | None = None) -> None:
     """Fill ``w_r`` in place with normal noise of ``w_q``'s standard deviation (``w_q``: the query
     block of ``W_Q``; any shape). ``generator``: a CPU generator (default: torch's global one)."""
+    if w_r.is_meta or w_q.is_meta:  # built on the meta device (from_pretrained): the checkpoint fills it
+        return
     with torch.no_grad():
         std = float(w_q.detach().float().std()) if w_q.numel() > 1 else 0.0
         if not std > 0:

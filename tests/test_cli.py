@@ -115,9 +115,9 @@ def test_verify_after_full_fine_tuning_says_the_zero_probe_check_does_not_apply(
     with torch.no_grad():
         gm.get_parameter("layers.0.self_attn.out_proj.weight").mul_(-1.0)  # "fine-tuned"
         gm.get_parameter("layers.0.self_attn.r_proj.weight").normal_()
-    pc.save(gm, tmp_path / "ft")
+    pc.save(gm, tmp_path / "ft", trained=True)  # training recorded: the W_R = 0 comparison does not apply
     report = pc.verify(tmp_path / "ft")
-    assert report.ok and report.notes and "full fine-tuning" in report.notes[0]
+    assert report.ok and report.notes and "fine-tuning" in report.notes[0]
     assert all(e["error"] <= e["tolerance"] for e in report.op_errors) and len(report.op_errors) == 2
 
 

@@ -24,14 +24,12 @@
 from __future__ import annotations
 
 import functools
-import warnings
-from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from ..convert import TOLERANCE, ConversionInfo, relative_error, weights_digest
+from ..checks import TOLERANCE, relative_error, tensor_digests, weights_digest
+from ..convert import ConversionInfo
 from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
 
@@ -87,8 +85,20 @@ def find_probe_sites(model, example_inputs, *, dynamic_dims=None):
     return sites, plan, cap
 
 
+def _follow_projection(name, owner, _args):
+    """Forward pre-hook of an owner: keep the probe hook on the module that is its query projection
+    now. A wrapper (a PEFT LoRA layer) replaces ``q_proj`` and calls the old one as its base layer:
+    the hook moves to the wrapper, so ``r`` is appended once, after the wrapper's own output."""
+    proj = getattr(owner, name)
+    if not any(isinstance(h, functools.partial) and h.func is _append_probe and h.args[0] is owner
+               for h in proj._forward_hooks.values()):
+        owner._parallax_hook.remove()
+        owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
+
+
 def _append_probe(owner, _module, args, out):
-    return torch.cat([out, F.linear(args[0], owner.r_proj.weight)], dim=-1)
+    # Call the module (not its weight): a wrapper such as a PEFT LoRA layer on r_proj takes part.
+    return torch.cat([out, owner.r_proj(args[0])], dim=-1)
 
 
 def _query_heads(model, owner, proj) -> int:
@@ -119,6 +129,7 @@ def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q
         if not hasattr(owner, "r_gain"):
             owner.r_gain = new_gain(_query_heads(model, owner, proj), proj.weight)
         owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
+        owner._parallax_follow = owner.register_forward_pre_hook(functools.partial(_follow_projection, name))
         owner.parallax_probe = True
         names[owner_path] = name
     model.config.parallax_probes = names
@@ -129,10 +140,11 @@ def remove_probes(model, owners, previous_impl: str) -> None:
     """Undo :func:`add_probes`."""
     for owner_path in owners:
         owner = model.get_submodule(owner_path)
-        hook = getattr(owner, "_parallax_hook", None)
-        if hook is not None:
-            hook.remove()
-            del owner._parallax_hook
+        for attr in ("_parallax_hook", "_parallax_follow"):
+            hook = getattr(owner, attr, None)
+            if hook is not None:
+                hook.remove()
+                delattr(owner, attr)
         for attr in ("r_proj", "r_gain", "parallax_probe"):
             if hasattr(owner, attr):
                 delattr(owner, attr)
@@ -221,60 +233,26 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
     for s in sites:
         if s.rewritable:
             s.max_error = worst
-    return ConversionInfo(sites=sites, dynamic=False, note=cap.note, max_output_error=worst,
+    # The model stays a transformers model run eagerly: any batch size and length (the capture above
+    # only served to find the sites).
+    info = ConversionInfo(sites=sites, dynamic=True, note="", max_output_error=worst,
                           reference_outputs=ref.detach(), weights_digest=weights_digest(model),
-                          example_args=args, example_kwargs=kwargs, continuity=continuity)
+                          digests=tensor_digests(model), example_args=args, example_kwargs=kwargs,
+                          continuity=continuity)
+    from .auto import to_parallax
+    from .saving import conversion_record
+
+    to_parallax(model, conversion_record(info))
+    return info
 
 
-def _probe_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def from_pretrained(path, **kwargs):
+    """Load a Hugging Face conversion directory (``save_pretrained`` after :func:`upgrade`, or
+    ``parallax-compile convert``): the transformers model of class ``Parallax<Base>`` with
+    ``attn_implementation="parallax"`` and its probes. ``kwargs`` go to ``from_pretrained``
+    (``dtype``, ``device_map``...). Same as ``AutoModelForCausalLM.from_pretrained(path)`` after
+    ``import parallax_compile``, and also reads directories written before that. Raises
+    ``ValueError`` when the directory holds no Parallax model."""
+    from .auto import load_pretrained
 
-    found = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key in names:
-                    found[key] = fh.get_tensor(key)
-    return found
-
-
-def from_pretrained(path, *, auto_class: str = "AutoModelForCausalLM", **kwargs):
-    """Load a model saved after :func:`upgrade` (``save_pretrained``): the transformers model with
-    ``attn_implementation="parallax"``, its probes rebuilt from ``config.parallax_probes`` and their
-    weights read from the checkpoint. ``kwargs`` go to ``from_pretrained`` (``dtype``,
-    ``device_map``...). Raises ``ValueError`` when the directory holds no Parallax model."""
-    import transformers
-
-    attention.register()
-    path = Path(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    probes = getattr(config, "parallax_probes", None)
-    if not probes:
-        raise ValueError(f"{path} is not a Parallax model: its config.json has no `parallax_probes`")
-    kwargs.setdefault("attn_implementation", attention.ATTN_IMPLEMENTATION)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the probes are "unexpected keys" to the plain class: loaded below
-    try:
-        model = getattr(transformers, auto_class).from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    add_probes(model, list(probes), proj_name=dict(probes))
-    names = {f"{o}.r_proj.weight" for o in probes}
-    gains = {f"{o}.r_gain" for o in probes}
-    tensors = _probe_tensors(path, names | gains)
-    if not names <= set(tensors):
-        raise ValueError(f"{path}: probe weights missing from the checkpoint: {sorted(names - set(tensors))}")
-    if not gains & set(tensors):
-        # Saved before the gain existed (r = chain(W_R x)): a gain of one keeps that model.
-        warnings.warn(f"{path}: no probe gains (`r_gain`) in the checkpoint (saved by an older version); "
-                      "loading with r_gain = 1, which computes what that version did", stacklevel=2)
-        tensors.update({g: torch.ones_like(model.get_parameter(g)) for g in gains})
-    elif not gains <= set(tensors):
-        raise ValueError(f"{path}: probe gains missing from the checkpoint: {sorted(gains - set(tensors))}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            p = model.get_parameter(name)
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-    return model
+    return load_pretrained(path, **kwargs)

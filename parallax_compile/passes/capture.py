@@ -143,9 +143,20 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
         if fixed:  # Dim.AUTO keeps a dim static when tracing equates it with a constant (e.g. L == head_dim)
             note = "static shapes (export specialised " + ", ".join(fixed) + "; try other example sizes)"
             shapes = None
+    if shapes is not None and not _marks_a_dim(shapes):
+        note, shapes = "static shapes (no input dim was marked dynamic)", None
     gm = unlift(ep)
     _strip_asserts(gm)
     return Capture(gm=gm, args=args, kwargs=kwargs, dynamic=shapes is not None, note=note, dynamic_shapes=shapes)
+
+
+def _marks_a_dim(shapes) -> bool:
+    """Whether a ``dynamic_shapes`` spec marks at least one dim dynamic."""
+    if isinstance(shapes, dict):
+        return any(isinstance(k, int) or _marks_a_dim(v) for k, v in shapes.items()) if shapes else False
+    if isinstance(shapes, (tuple, list)):
+        return any(_marks_a_dim(v) for v in shapes)
+    return False
 
 
 def _specialised_dims(ep, dynamic_dims) -> list[str]:
