@@ -215,7 +215,8 @@ def calibrate_lla_sites(cap: Capture, gm: fx.GraphModule, sites, added: dict, ch
     return rejected
 
 
-def _calibrate_site(gm, site, op, chain, path, values, plain, probe_init, probe_ridge, refine_steps) -> str | None:
+def _calibrate_site(gm, site, op, chain, path, values, plain, probe_init, probe_ridge,
+                    refine_steps) -> str | None:
     q_n, r_n, k_n, v_n, m_n = op.args[:5]
     kw = _op_kw(op, site)
     values, held = _merge(values, _held_out(values, q_n))
@@ -277,10 +278,13 @@ def _calibrate_site(gm, site, op, chain, path, values, plain, probe_init, probe_
             fit["probe_init"], w = "zero", None
     site.max_error = fit["output_error_calibrated"] if w is not None else fit["output_error_zero"]
     with torch.no_grad():
-        probe.weight.zero_()
         if w is not None:
             # With the gate at its initial value sigmoid(0) = 1/2, W_R = 2 W gives r = W x.
             probe.weight.copy_((w * (2.0 if gate is not None else 1.0)).to(probe.weight))
+        elif _gain(gm, path) is None:
+            probe.weight.zero_()
+        # else: r = 0 through the gain; W_R keeps its random init (W_R = 0 and gain = 0 would give
+        # both zero gradients: a probe that never trains).
         _set_gain(gm, path, w is not None)
     return None
 
@@ -335,8 +339,10 @@ def _plain_head_splits(gm, sites, ops, chains, added, inputs) -> dict[int, bool]
             for s in sites:
                 path = added[id(s)][1]
                 probe, gain = gm.get_submodule(path), _gain(gm, path)
-                saved[path] = (probe.weight.detach().clone(), gain.detach().clone() if gain is not None else None)
-                p[id(s)] = torch.randn(probe.weight.shape, generator=gen, dtype=probe.weight.dtype).to(probe.weight.device)
+                saved[path] = (probe.weight.detach().clone(),
+                               gain.detach().clone() if gain is not None else None)
+                w = torch.randn(probe.weight.shape, generator=gen, dtype=probe.weight.dtype)
+                p[id(s)] = w.to(probe.weight.device)
                 probe.weight.copy_(p[id(s)])
                 if gain is not None:
                     gain.fill_(1.0)

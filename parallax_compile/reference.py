@@ -235,7 +235,8 @@ def lla_probe_ref(
             return stationary_iteration(matvec, mu_k - q, cg_iters, lambda res: res / diag)
         if loop == "richardson" and omega is not None:
             return stationary_iteration(matvec, mu_k - q, cg_iters, lambda res: omega * res)
-        raise ValueError(f"lla_probe_ref: loop must be 'cg', 'jacobi' or 'richardson' (with omega), got {loop!r}")
+        raise ValueError(f"lla_probe_ref: loop must be 'cg', 'jacobi' or 'richardson' (with omega), "
+                         f"got {loop!r}")
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     return torch.linalg.solve(c_kk + ridge * eye, (mu_k - q)[..., None]).squeeze(-1)
 

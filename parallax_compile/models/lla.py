@@ -180,8 +180,8 @@ class LLAAttention(nn.Module):
         v = self.v_proj(x).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
         rep = c.n_head // c.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = lla_core(q, k, v, ridge=c.ridge, solver=c.solver, cg_iters=c.cg_iters, omega=c.omega, moments=c.moments,
-                     keep=self.tril[:t, :t] if c.causal else None)
+        y = lla_core(q, k, v, ridge=c.ridge, solver=c.solver, cg_iters=c.cg_iters, omega=c.omega,
+                     moments=c.moments, keep=self.tril[:t, :t] if c.causal else None)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c.n_head * c.head_dim))
 
 

@@ -153,7 +153,8 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
 
 WORKAROUNDS = {
     "aten.linalg_lstsq.default": "for a square (ridge) system write torch.linalg.solve(A, b) or "
-                                 "torch.cholesky_solve(b, torch.linalg.cholesky(A)), which give the same solution",
+                                 "torch.cholesky_solve(b, torch.linalg.cholesky(A)), which give the "
+                                 "same solution",
 }
 
 

@@ -51,7 +51,6 @@ from .match import (
     CASTS,
     DIVS,
     MULS,
-    PRODUCTS,
     SOFTMAX,
     SUBS,
     NoMatch,
@@ -83,7 +82,6 @@ DIRECT = {
     aten.linalg_lu_solve.default: ("lla-lu", 0),
     aten.lu_solve.default: ("lla-lu", 1),
 }
-SOLVES = set(DIRECT)
 FACTORIZATIONS = {
     aten.linalg_cholesky.default, aten.linalg_cholesky_ex.default, aten.cholesky.default,
     aten.linalg_lu_factor.default, aten.linalg_lu_factor_ex.default, aten.linalg_lu.default,
@@ -206,7 +204,8 @@ def _iterative_form(gm, matrix: fx.Node, products: list[fx.Node], order) -> tupl
     for mm in products:
         subs = [u for u in _past_squeezes(mm).users if u.target in SUBS]
         steps = [u for sub in subs for u in sub.users if u.target in MULS]
-        cs = {c for u in steps for c in (const_value(gm, u.args[0]), const_value(gm, u.args[1])) if c is not None}
+        cs = {c for u in steps for c in (const_value(gm, u.args[0]), const_value(gm, u.args[1]))
+              if c is not None}
         if len(cs) != 1:
             raise Skip("an unrolled loop over a D x D matrix, but neither CG (inner products), Jacobi "
                        "(diag(A)) nor Richardson with a constant step `x + omega (b - A x)`")
@@ -341,7 +340,8 @@ def find_lla_sites(gm: fx.GraphModule) -> list[AttentionSite]:
         if node.op != "call_function":
             continue
         if node.target in DIRECT:
-            anchor, matrix, form, iters, products = node, _system_matrix(node), DIRECT[node.target][0], None, []
+            anchor, matrix, iters, products = node, _system_matrix(node), None, []
+            form = DIRECT[node.target][0]
         else:
             shp = shape_of(node)
             if node in seen or shp is None or len(shp) < 3 or shp[-1] != shp[-2] or not isinstance(shp[-1], int):

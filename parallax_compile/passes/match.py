@@ -300,7 +300,8 @@ def _einsum_parts(node):
 
 
 _PASS_THROUGH = CASTS | DROPOUTS | {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.slice.Tensor,
     aten.select.int, aten.detach.default, aten.mean.dim, aten.flatten.using_ints,
 }

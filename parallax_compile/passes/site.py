@@ -57,7 +57,8 @@ class AttentionSite:
     max_error: float | None = None
     """Max abs error of the site's output at ``W_R = 0``, relative to the output's max abs value."""
     ridge: float | None = None
-    """LLA sites only (forms ``lla-*``, catalogued in :mod:`.lla`): the ridge ``lambda`` read from the graph."""
+    """LLA sites only (forms ``lla-*``, catalogued in :mod:`.lla`): the ridge ``lambda`` read from
+    the graph."""
     cg_iterations: int | None = None
     """``lla-cg`` / ``lla-jacobi`` / ``lla-richardson`` sites: the loop's iterations unrolled in the graph."""
     fit: dict[str, Any] | None = None
