@@ -119,7 +119,9 @@ def sites_table(sites, title: str) -> Table:
             "[green]rewritten[/]" if s.rewritable else f"[yellow]skipped[/]: {s.reason}")
         form = s.form
         if s.ridge is not None:  # LLA: lambda (and CG iterations); converted approximately
-            form += f" (lambda={s.ridge:g}" + (f", {s.cg_iterations} CG iters)" if s.cg_iterations else ")")
+            omega = s.nodes.get("lla_omega")
+            form += (f" (lambda={s.ridge:g}" + (f", {s.cg_iterations} iterations" if s.cg_iterations else "")
+                     + (f", omega={omega:g}" if omega is not None else "") + ")")
             if s.rewritable and s.fit:
                 status = (f"[cyan]approximate[/] ({s.fit['probe_init']} probe; held-out error "
                           f"{s.max_error:.1e}, at W_R = 0 {s.fit['output_error_zero']:.1e})")

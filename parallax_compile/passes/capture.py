@@ -126,14 +126,17 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
         if ep is None:
             # Static shapes; non-strict first, then Dynamo (strict), which evaluates Python-level
             # shape logic such as ``is_causal=L > 1`` that non-strict tracing leaves symbolic.
-            errors = []
+            errors, untraceable = [], None
             for strict in (False, True):
                 torch._dynamo.reset()  # a failed trace can leave Dynamo state behind
                 try:
                     ep = torch.export.export(model, *_fresh(args, kwargs), strict=strict)
                     break
                 except Exception as exc:  # noqa: BLE001
+                    untraceable = untraceable or _untraceable_op(exc)
                     errors.append(f"{'strict' if strict else 'non-strict'}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            if ep is None and untraceable:
+                raise RuntimeError(untraceable)
             if ep is None:
                 raise RuntimeError("torch.export could not capture the model (" + "; ".join(errors) + ")")
     finally:
@@ -157,6 +160,31 @@ def _marks_a_dim(shapes) -> bool:
     if isinstance(shapes, (tuple, list)):
         return any(_marks_a_dim(v) for v in shapes)
     return False
+
+
+WORKAROUNDS = {
+    "aten.linalg_lstsq.default": "for a square (ridge) system write torch.linalg.solve(A, b) or "
+                                 "torch.cholesky_solve(b, torch.linalg.cholesky(A)), which give the "
+                                 "same solution",
+}
+
+
+def _untraceable_op(exc: BaseException) -> str | None:
+    """One line naming the op that fake tensors cannot run (no meta kernel, or an output shape
+    that depends on data) and the workaround, when that is why export failed; else None."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, UnsupportedOperatorException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (DynamicOutputShapeException, UnsupportedOperatorException)):
+            op = str(exc.func) if getattr(exc, "func", None) is not None else str(exc).strip().splitlines()[0]
+            fix = WORKAROUNDS.get(op, "replace the call by ops that have meta kernels, or register one "
+                                      "with torch.library.register_fake")
+            return (f"torch.export could not capture the model: `{op}` has no meta kernel for its output "
+                    f"shape, so export cannot trace it; workaround: {fix}")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _specialised_dims(ep, dynamic_dims) -> list[str]:

@@ -299,6 +299,31 @@ def _einsum_parts(node):
     return ins.split(","), out, list(node.args[1])
 
 
+_PASS_THROUGH = CASTS | DROPOUTS | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.slice.Tensor,
+    aten.select.int, aten.detach.default, aten.mean.dim, aten.flatten.using_ints,
+}
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether ``node``'s value reaches a graph output as attention weights (through casts,
+    dropout, reshapes or the mean over heads of ``need_weights=True``)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and u.target in _PASS_THROUGH:
+                todo.append(u)
+    return False
+
+
 def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
     dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
     shp = shape_of(sm)
@@ -314,8 +339,11 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
             pv = next((u for u in users if u.target in PRODUCTS and u.args and u.args[0] is n), None)
             if pv is None and not any(u.target in PRODUCTS for u in users):
                 raise NoMatch("softmax output does not feed a product")
-            raise Skip("the attention weights are also used elsewhere (e.g. returned as attentions / "
-                       "need_weights=True); rewriting would change that output")
+            if _reaches_output(n):
+                raise Skip("the attention weights are also used elsewhere (e.g. returned as attentions / "
+                           "need_weights=True); rewriting would change that output")
+            raise Skip(f"the attention weights feed {len(users) - 1} other computation(s) besides P @ V "
+                       "(e.g. weighted statistics of the keys, not recognised as LLA): not softmax attention")
         u = users[0]
         if u.target in CASTS:
             n = u

@@ -57,9 +57,10 @@ class AttentionSite:
     max_error: float | None = None
     """Max abs error of the site's output at ``W_R = 0``, relative to the output's max abs value."""
     ridge: float | None = None
-    """LLA sites only (form ``lla-solve`` / ``lla-cg``): the ridge ``lambda`` read from the graph."""
+    """LLA sites only (forms ``lla-*``, catalogued in :mod:`.lla`): the ridge ``lambda`` read from
+    the graph."""
     cg_iterations: int | None = None
-    """``lla-cg`` sites: the conjugate-gradient iterations unrolled in the graph."""
+    """``lla-cg`` / ``lla-jacobi`` / ``lla-richardson`` sites: the loop's iterations unrolled in the graph."""
     fit: dict[str, Any] | None = None
     """LLA sites only: the conversion is approximate; the calibrated probe's fit report
     (:func:`parallax_compile.calibrate.fit_lla_probe`: ``probe_init``, relative errors of ``rho``
