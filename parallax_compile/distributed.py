@@ -117,8 +117,9 @@ def apply_fsdp(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None =
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each decoder layer in backward (transformers' ``activation_checkpointing_enable``,
-    formerly ``gradient_checkpointing_enable``, with non-reentrant ``torch.utils.checkpoint``; the probe hook runs again in the recompute)."""
+    """Recompute each decoder layer in backward: transformers' ``activation_checkpointing_enable``
+    (``gradient_checkpointing_enable`` before 5.2x) with non-reentrant ``torch.utils.checkpoint``;
+    the probe hook runs again in the recompute."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
