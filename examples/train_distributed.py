@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
+import parallax_compile as pc
 from parallax_compile import distributed as pd
 from parallax_compile import hf
 from parallax_compile.models import text
@@ -132,7 +133,7 @@ def build(args, model_dir: Path, device: torch.device, world: int):
     torch.manual_seed(args.seed)
     model = hf.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
     for n, p in model.named_parameters():
-        p.requires_grad_(args.train == "all" or pd.is_probe(n))
+        p.requires_grad_(args.train == "all" or pc.is_probe(n))
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda"
     if args.activation_checkpointing:
         pd.apply_activation_checkpointing(model)
@@ -144,8 +145,8 @@ def build(args, model_dir: Path, device: torch.device, world: int):
         pd.compile_layers(model, backend=args.compile_backend)
     if args.strategy == "fsdp":
         pd.apply_fsdp(model, param_dtype=torch.bfloat16 if bf16 else None)
-    probes = [p for n, p in model.named_parameters() if p.requires_grad and pd.is_probe(n)]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not pd.is_probe(n)]
+    probes = [p for n, p in model.named_parameters() if p.requires_grad and pc.is_probe(n)]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not pc.is_probe(n)]
     groups = [{"params": g, "lr": lr, "name": name}
               for name, g, lr in (("probes", probes, args.probe_lr), ("others", others, args.lr)) if g]
     if not groups:
@@ -163,7 +164,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def full_probe_grads(model) -> dict[str, Tensor]:
     """Every probe's gradient as a full tensor (gathered from the shards: collective)."""
     out = {}
-    for n, p in pd.named_probe_parameters(model):
+    for n, p in pc.named_probe_parameters(model):
         g = p.grad
         if g is not None:
             out[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().float().cpu()

@@ -46,30 +46,13 @@ __all__ = [
     "compile_layers",
     "decoder_layers",
     "init",
-    "is_probe",
     "load_checkpoint",
-    "named_probe_parameters",
     "save_checkpoint",
     "tp_plan",
 ]
 
 # transformers' tensor-parallel style names -> what ``apply_tp`` does with them
 _COLWISE, _ROWWISE, _REPLICATED_GRAD = "colwise", "rowwise", "replicated_with_grad_allreduce"
-
-
-def is_probe(name: str) -> bool:
-    """Whether parameter ``name`` is a probe: ``<owner>.r_proj[_N].weight`` or ``<owner>.r_gain[_N]``."""
-    try:
-        from .probes import is_probe as probe_name  # the public selector (issue 12)
-    except ImportError:  # before it is merged: the probe weight and gain by name
-        parts = name.split(".")
-        return len(parts) >= 2 and (parts[-2].startswith("r_proj") or parts[-1].startswith("r_gain"))
-    return probe_name(name)
-
-
-def named_probe_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of every probe (``r_proj*.weight``, ``r_gain*``) of ``model``."""
-    return [(n, p) for n, p in model.named_parameters() if is_probe(n)]
 
 
 def init(backend: str | None = None) -> tuple[int, int, torch.device]:

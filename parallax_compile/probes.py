@@ -102,8 +102,9 @@ def new_gain(num_heads: int, like: Tensor) -> nn.Parameter:
 
 def apply_gain(r: Tensor, gain: Tensor) -> Tensor:
     """``r`` ``[B, H, L, D]`` (or ``[B * H, L, D]``, batch-major) times ``gain`` ``[H]`` per head
-    (a gain of one element scales every head), in ``r``'s dtype."""
-    g = gain.to(r.dtype)
+    (a gain of one element scales every head), in ``r``'s dtype. Under tensor parallelism the gain
+    is a DTensor sharded like the heads: each rank multiplies its own heads by its local shard."""
+    g = (gain.to_local() if hasattr(gain, "to_local") else gain).to(r.dtype)
     if g.numel() == 1:
         return r * g.reshape(())
     if r.dim() == 4:

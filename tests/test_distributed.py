@@ -29,6 +29,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import parallax_compile as pc  # noqa: E402
 from parallax_compile import distributed as pd  # noqa: E402
 from parallax_compile import hf  # noqa: E402
 
@@ -100,7 +101,7 @@ def _upgraded(family: str, directory: Path) -> Path:
     info = hf.upgrade(loaded.model, loaded.example_inputs, valid_positions=loaded.valid_positions)
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for _, p in pd.named_probe_parameters(loaded.model):
+        for _, p in pc.named_probe_parameters(loaded.model):
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.1))
     return hf.save_hf(loaded.model, info, directory, source=f"tiny-{family}")
 
