@@ -49,6 +49,7 @@ from .match import (
     _untranspose,
     _walk_logits,
     describe_mask,
+    needs_logits,
     shape_of,
     unrepeat,
     val,
@@ -142,6 +143,9 @@ def _peel(node) -> tuple[fx.Node, str]:
 
 def _logits_qk(gm, s: fx.Node):
     product, scale, terms = _walk_logits(gm, s.args[0])
+    if needs_logits(terms):
+        raise Skip("a finite fill sets the logits (uniform weights on a fully filled row); no mask "
+                   "reproduces it for every input")
     if product.target is aten.einsum.default:
         (q_sub, k_sub), s_sub, (q, k) = _einsum_parts(product)
         b = q_sub[:-2]
