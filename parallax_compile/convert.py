@@ -17,7 +17,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .checks import TOLERANCE, relative_error, tensor_digests, weights_digest
-from .passes.capture import Capture, capture, record
+from .passes.adversarial import adversarial_variants, mask_inputs
+from .passes.capture import Capture, capture, mark_specialised, record
 from .passes.match import Skip, find_sites
 from .passes.query_chain import find_query_chain, locate_query_block
 from .passes.rewrite import gain_path, probe_path, remove_probe, rewrite_site
@@ -136,8 +137,12 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     probe is fitted to LLA's solved probe (``probe_init="calibrated"``, on ``calibration`` inputs,
     default the example inputs; see :mod:`parallax_compile.calibrate`) or zero, and ``site.fit``
     reports the error instead of the exact W_R = 0 check."""
+    from .calibrate import PROBE_INITS
+
     if probe not in ("linear", "gated"):
         raise ValueError(f"probe must be 'linear' or 'gated', got {probe!r}")
+    if probe_init not in PROBE_INITS:
+        raise ValueError(f"probe_init must be one of {PROBE_INITS}, got {probe_init!r}")
     cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=dynamic)
     sites, chains, ref_out = _prepare(cap)
     gm, taken, added = cap.gm, set(), {}
@@ -171,6 +176,7 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         else:
             site.rewritable, site.reason = True, None
     gm.recompile()
+    _check_adversarial(cap, gm, [s for s in sites if s.rewritable and s.ridge is None], added)
     # 2. The whole model, with gradients: outputs unchanged and finite probe gradients (LLA sites
     # detoured to their original output meanwhile, and calibrated on the original activations).
     lla = [s for s in sites if id(s) in added and s.ridge is not None]
@@ -181,11 +187,13 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     continuity = _check_continuity(cap, gm, [s for s in sites if s not in lla], added, ref_out)
     lla_errors = _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration)
     gm.graph.eliminate_dead_code()  # only now: a revert needs the original attention nodes
+    _erase_unused_attention(gm)
     for site in sites:
         if id(site) in added and not site.rewritable:
             remove_probe(gm, added[id(site)][1])
     gm.graph.lint()
     gm.recompile()
+    mark_specialised(cap, "the conversion")  # a pass that guarded on a dynamic dim pinned it
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
                           reference_outputs=ref_out, weights_digest=weights_digest(gm), digests=tensor_digests(gm),
@@ -193,6 +201,42 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
                           **lla_errors)
     gm.meta["parallax"] = info
     return gm, info
+
+
+def _check_adversarial(cap, gm, live, added) -> None:
+    """Run every rewritten site on synthesized masks (:mod:`.passes.adversarial`: fully masked rows,
+    single-key rows, ``finfo.min`` rows) wherever a mask is a graph input, and revert a site whose op
+    output differs from its original attention there."""
+    positions = mask_inputs(gm, live)
+    if not positions:
+        return
+    wanted = {n for s in live for n in (added[id(s)][0]["out"], s.nodes["out"])}
+    for label, args, kwargs in adversarial_variants(cap.args, cap.kwargs, positions):
+        variant = Capture(gm=gm, args=args, kwargs=kwargs, dynamic=cap.dynamic)
+        try:
+            _, values = record(variant, gm, wanted)
+        except Exception:  # noqa: BLE001 - the model itself rejects such a mask: nothing to compare
+            continue
+        for site in live:
+            if not site.rewritable:
+                continue
+            ref, new = values[site.nodes["out"]], values[added[id(site)][0]["out"]]
+            err = relative_error(new, ref)
+            if err > _tol(ref):
+                _revert(gm, site, added[id(site)][0], added[id(site)][1],
+                        f"on a synthesized mask input ({label}: fully masked / single-key rows) the op "
+                        f"differs from the original attention by {err:.2e} (relative)")
+    gm.recompile()
+
+
+def _erase_unused_attention(gm: fx.GraphModule) -> None:
+    """Drop replaced SDPA nodes: dead-code elimination keeps them (SDPA is tagged
+    nondeterministic for its dropout), and they would still run."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and node.target is torch.ops.aten.scaled_dot_product_attention.default \
+                and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
 
 
 def _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration) -> dict:

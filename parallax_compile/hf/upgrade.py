@@ -179,6 +179,20 @@ def _outputs(out):
     return out
 
 
+def _own_config(model) -> None:
+    """Give ``model`` (and its submodules that share it) a copy of its config: the upgrade writes
+    ``parallax_probes`` and the attention implementation into it, which must not reach another
+    model built from the same config object."""
+    import copy
+
+    memo: dict = {}
+    copy.deepcopy(model.config, memo)  # memo: id(config or sub-config) -> its copy
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and id(c) in memo:
+            m.config = memo[id(c)]
+
+
 def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -> ConversionInfo:
     """Upgrade ``model`` (a transformers model, eval mode, ``sdpa`` or ``eager`` attention) in place
     to Parallax attention with zero probes and verify it (module docstring). Returns the report
@@ -189,6 +203,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         raise TypeError(f"{type(model).__name__} is not a transformers model that uses AttentionInterface")
     if getattr(model.config, "parallax_probes", None):
         raise ValueError(f"{type(model).__name__} is already upgraded (config.parallax_probes is set)")
+    _own_config(model)
     if isinstance(example_inputs, dict):  # capture and compare logits, not a KV cache object
         example_inputs = {**example_inputs, "use_cache": example_inputs.get("use_cache", False)}
     sites, plan, cap = find_probe_sites(model, example_inputs, dynamic_dims=dynamic_dims)

@@ -252,13 +252,24 @@ def _dead(gm: fx.GraphModule) -> set[fx.Node]:
     return dead
 
 
+def _square(shp) -> bool:
+    """``[.., n, n]`` with ``n`` static. Compares ints only: comparing a symbolic length with a
+    static size installs a guard that pins the length (L == head_dim would become static)."""
+    return isinstance(shp[-1], int) and isinstance(shp[-2], int) and shp[-1] == shp[-2]
+
+
+def _same_shape(a, b) -> bool:
+    """Shape equality without guards on symbolic dims (compared by expression)."""
+    return a is not None and b is not None and len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
 def _output_node(sm: fx.Node, anchor: fx.Node, mu_v: fx.Node, order: dict[fx.Node, int], dead) -> fx.Node:
     """The first node after ``anchor`` shaped like ``mu_v`` through which every (live) use of the
     softmax's descendants leaves the site."""
     below = _descendants(sm) - dead
     want = shape_of(mu_v)
     for cand in sorted((n for n in below if order[n] > order[anchor]), key=order.get):
-        if shape_of(cand) != want:
+        if not _same_shape(shape_of(cand), want):
             continue
         region, todo = set(), [cand]
         while todo:
@@ -344,7 +355,7 @@ def find_lla_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             form = DIRECT[node.target][0]
         else:
             shp = shape_of(node)
-            if node in seen or shp is None or len(shp) < 3 or shp[-1] != shp[-2] or not isinstance(shp[-1], int):
+            if node in seen or shp is None or len(shp) < 3 or not _square(shp):
                 continue
             products = [u for u in node.users if u.target is aten.matmul.default and u.args[0] is node]
             if len(products) < 2:

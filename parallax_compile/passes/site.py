@@ -12,9 +12,10 @@ from torch import fx
 class MaskTerm:
     """One contribution to the logits between ``QK^T`` and the softmax.
 
-    ``kind``: ``"add"`` (``coef * node`` added to the logits; a boolean ``node`` is a finite fill
-    such as ``finfo.min``, negated first when ``negate``), ``"keep"`` (boolean, True = keep) or
-    ``"drop"`` (boolean, True = masked out). ``node == "causal_top_left"`` stands for SDPA's
+    ``kind``: ``"add"`` (``coef * node`` added to the logits), ``"keep"`` (boolean, True = keep),
+    ``"drop"`` (boolean, True = masked out) or ``"set"`` (a fill: the logits are *set* to ``coef``
+    where the boolean ``node`` holds, where it does not when ``negate``; ``coef`` is NaN when the
+    value is not a constant). ``node == "causal_top_left"`` stands for SDPA's
     top-left causal mask when ``Lq != Lk``.
     """
 
