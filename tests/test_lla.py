@@ -294,6 +294,7 @@ def test_gated_probe_forward_and_gradients_match_reference():
     with torch.no_grad():
         w_r.copy_(0.2 * torch.randn(w_r.shape, generator=g, dtype=w_r.dtype))
         w_g.copy_(torch.randn(w_g.shape, generator=g, dtype=w_g.dtype))
+        gm.get_parameter(site.probe.replace("r_proj.weight", "r_gain")).fill_(1.0)  # the reference has no gain
     direction = torch.randn(2, 13, 256, generator=g, dtype=torch.float64)
     out = gm(**example)
     got = torch.autograd.grad((out * direction).sum(), [w_r, w_g, model.h[0].attn.q_proj.weight])

@@ -308,7 +308,7 @@ def _einsum_parts(node):
     return ins.split(","), out, list(node.args[1])
 
 
-_PASS_THROUGH = CASTS | DROPOUTS | {
+_WEIGHTS_PASS_THROUGH = CASTS | DROPOUTS | {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
     aten.permute.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.slice.Tensor,
@@ -328,7 +328,7 @@ def _reaches_output(node: fx.Node) -> bool:
         for u in n.users:
             if u.op == "output":
                 return True
-            if u.op == "call_function" and u.target in _PASS_THROUGH:
+            if u.op == "call_function" and u.target in _WEIGHTS_PASS_THROUGH:
                 todo.append(u)
     return False
 
