@@ -1,13 +1,15 @@
 """Gemma 3 270M served by vLLM on the CPU: converted (Parallax, random probes) vs unconverted.
 
-1. Correctness: greedy tokens of ``vllm.LLM`` on the converted directory equal transformers'
+1. Correctness: greedy tokens of ``vllm.LLM`` on the converted directory (``--probes zero``, the
+   default: a freshly converted model; ``random``: random ``W_R``, noise text) equal transformers'
    ``generate`` (``parallax_compile.hf.from_pretrained``) for 3 prompts, one of them longer than the
    512-token sliding window.
 2. Throughput: output tokens/s of ``vllm.LLM.generate`` for 8 prompts x 64 new tokens (after a
    warm-up batch), converted vs unconverted (vLLM's own ``CPU_ATTN``), fp32, eager, one process each.
 
 Run in the vLLM venv (README 'Serving with vLLM'):
-``VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/vllm_gemma3.py --out benchmarks/results/vllm_gemma3_270m_cpu.json``.
+``VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/vllm_gemma3.py --out
+benchmarks/results/vllm_gemma3_270m_cpu.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-import vllm_tiny as vt  # noqa: E402
+import vllm_tiny as vt
 
 
 def run(work: Path, spec: dict) -> dict:
@@ -35,7 +37,7 @@ def run(work: Path, spec: dict) -> dict:
 
 
 def check_prompts(tokenizer) -> list[list[int]]:
-    long = " ".join(["The history of the printing press begins with movable type in East Asia and continues"] * 45)
+    long = " ".join(["The history of the printing press begins with movable type in East Asia"] * 50)
     texts = ["The capital of France is", "Write a short poem about the sea:\n", long]
     return [tokenizer.encode(t) for t in texts]
 
@@ -45,19 +47,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--probes", choices=["zero", "random"], default="zero")
     args = ap.parse_args()
     import torch
     import transformers
     import vllm
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vllm-gemma3-"))
-    conv, plain = vt.write_converted_gemma3_270m(work / "converted")
+    conv, plain = vt.write_converted_gemma3_270m(work / f"converted-{args.probes}", probes=args.probes)
     tok = transformers.AutoTokenizer.from_pretrained(plain)
     check = check_prompts(tok)
     bench = [tok.encode(f"Story number {i}: once upon a time") for i in range(8)]
-    common = {"max_model_len": 1024, "max_num_batched_tokens": 256, "max_tokens": [args.max_new_tokens, 64, 64]}
+    common = {"max_model_len": 1024, "max_num_batched_tokens": 256,
+              "max_tokens": [args.max_new_tokens, 64, 64]}
     res_conv = run(work, {**common, "model": str(conv), "batches": [check, bench, bench]})
-    res_plain = run(work, {**common, "model": str(plain), "parallax": False, "batches": [check, bench, bench]})
+    res_plain = run(work, {**common, "model": str(plain), "parallax": False,
+                           "batches": [check, bench, bench]})
     want = vt.hf_greedy(conv, check, args.max_new_tokens)
     got = res_conv["batches"][0]["tokens"]
     equal = [vt.same_greedy(a, b, eos=tok.eos_token_id) for a, b in zip(got, want)]
@@ -67,7 +72,8 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
                     "transformers": transformers.__version__},
-        "settings": {"dtype": "float32", "enforce_eager": True, "block_size": 32, "max_num_batched_tokens": 256,
+        "settings": {"probes": args.probes, "dtype": "float32", "enforce_eager": True, "block_size": 32,
+                     "max_num_batched_tokens": 256,
                      "prompts": 8, "new_tokens_per_prompt": 64, "VLLM_CPU_KVCACHE_SPACE": "1"},
         "check": {"prompt_lengths": [len(p) for p in check], "max_new_tokens": args.max_new_tokens,
                   "equal_to_transformers": equal, "vllm_text": [tok.decode(t) for t in got],

@@ -26,14 +26,15 @@ def tiny_config(family: str):
     if family == "mistral":
         return t.MistralConfig(**common, sliding_window=8)
     if family == "gemma3":
-        return t.Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        return t.Gemma3TextConfig(**common, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"],
                                   query_pre_attn_scalar=24)
     raise ValueError(family)
 
 
 def word_tokenizer():
     """A word-level fast tokenizer over ``VOCAB`` words ``w0 .. w{VOCAB-1}`` (specials 0-2)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
@@ -50,7 +51,8 @@ def _probe_layers(model):
 def write_converted(family: str, out: Path, *, probes: str = "random", seed: int = 0) -> Path:
     """A tiny random ``family`` model upgraded by ``hf.upgrade`` and saved with ``hf.save_hf``
     (``save_pretrained`` plus ``parallax.json`` and ``reference.safetensors``, as ``parallax-compile
-    convert`` writes it) and a tokenizer. ``probes``: ``"zero"`` or ``"random"`` (random ``W_R`` on every layer and a
+    convert`` writes it) and a tokenizer. ``probes``: ``"zero"`` or ``"random"`` (random ``W_R`` on every
+    layer and a
     random per-head ``r_gain`` in the checkpoint, one head's gain 0, layer 0's ``W_R`` zero)."""
     import transformers
 
@@ -76,7 +78,7 @@ def write_converted(family: str, out: Path, *, probes: str = "random", seed: int
             gain[0] = 0.0
             gains[i] = gain if probes == "random" else None
     has_gain = all(hasattr(m, "r_gain") for m in owners)
-    hf.save_hf(model, info, out)  # what `parallax-compile convert` writes: save_pretrained + report + reference
+    hf.save_hf(model, info, out)  # as `parallax-compile convert`: save_pretrained + report + reference
     word_tokenizer().save_pretrained(out)
     if probes == "random":
         _write_gains(model, owners, gains, out, has_gain, family)
@@ -105,7 +107,8 @@ def _write_gains(model, owners, gains, out, has_gain, family):
         name = names[id(m)]
         w = sd[f"{name}.r_proj.weight"]
         sd[f"{name}.r_gain"] = gains[i].contiguous()
-        ref[f"{name}.r_proj.weight"] = (w.view(-1, HEAD_DIM, w.shape[-1]) * gains[i][:, None, None]).reshape(w.shape)
+        folded = w.view(-1, HEAD_DIM, w.shape[-1]) * gains[i][:, None, None]
+        ref[f"{name}.r_proj.weight"] = folded.reshape(w.shape)
     save_file(sd, path, metadata={"format": "pt"})
     refdir = out / "reference"
     refdir.mkdir()
@@ -119,7 +122,8 @@ def reference_dir(path: Path) -> Path:
     return path / "reference" if (path / "reference").is_dir() else path
 
 
-def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *, zero_probes: bool = False) -> list[list[int]]:
+def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *,
+              zero_probes: bool = False) -> list[list[int]]:
     """transformers' greedy tokens for each prompt (one at a time, no padding), from the converted
     directory (``parallax_compile.hf.from_pretrained``); stops at EOS. ``zero_probes``: with every
     ``W_R`` set to 0 (softmax attention), to show that the probes change the tokens."""
@@ -135,15 +139,17 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *, zero
     for p in prompts:
         ids = torch.tensor([p])
         with torch.no_grad():
-            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=0)
         outs.append(got[0, len(p):].tolist())
     return outs
 
 
-def write_converted_gemma3_270m(out: Path, *, seed: int = 0) -> tuple[Path, Path]:
+def write_converted_gemma3_270m(out: Path, *, probes: str = "zero", seed: int = 0) -> tuple[Path, Path]:
     """Gemma 3 270M (real weights, :mod:`parallax_compile.models.gemma3`) upgraded with ``hf.upgrade``,
-    random ``W_R`` (W_Q's std), saved with ``save_pretrained`` plus the tokenizer, into ``out``.
+    ``W_R`` zero or random (W_Q's std; through the q-norm that makes ``r`` as large as ``q`` and the
+    text noise), saved with ``save_pretrained`` plus the tokenizer, into ``out``.
     Returns ``(converted dir, unconverted dir)``."""
     import shutil
 
@@ -158,7 +164,7 @@ def write_converted_gemma3_270m(out: Path, *, seed: int = 0) -> tuple[Path, Path
     hf.upgrade(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in _probe_layers(model):
+        for m in _probe_layers(model) if probes == "random" else []:
             m.r_proj.weight.copy_(torch.randn(m.r_proj.weight.shape, generator=g) * m.q_proj.weight.std())
     model.save_pretrained(out)
     for f in plain.iterdir():
@@ -179,7 +185,8 @@ def prompts(seed: int = 0, lengths=(5, 17, 40, 75)) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -203,10 +210,13 @@ def run_vllm(spec: dict) -> dict:
     kw = {"hf_overrides": pv.hf_overrides(spec["model"])} if spec.get("parallax", True) else {}
     t = time.perf_counter()
     llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, block_size=32,
-              max_model_len=spec.get("max_model_len", 256), max_num_batched_tokens=spec.get("max_num_batched_tokens", 64),
+              max_model_len=spec.get("max_model_len", 256),
+              max_num_batched_tokens=spec.get("max_num_batched_tokens", 64),
               seed=0, **kw)
     result = {"startup_s": time.perf_counter() - t, "batches": []}
-    n_tokens = spec["max_tokens"] if isinstance(spec["max_tokens"], list) else [spec["max_tokens"]] * len(spec["batches"])
+    n_tokens = spec["max_tokens"]
+    if not isinstance(n_tokens, list):
+        n_tokens = [n_tokens] * len(spec["batches"])
     for batch, n in zip(spec["batches"], n_tokens):
         sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         t = time.perf_counter()

@@ -44,7 +44,8 @@ def parallax_architecture(config: dict) -> str:
             return arch
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
-    raise ValueError(f"architectures {config.get('architectures')} not supported by the parallax vLLM plugin; "
+    raise ValueError(f"architectures {config.get('architectures')} not supported by the parallax vLLM "
+                     "plugin; "
                      f"supported: {', '.join(ARCHITECTURES)}")
 
 

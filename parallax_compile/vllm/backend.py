@@ -76,14 +76,16 @@ class ParallaxMetadataBuilder(c.AttentionMetadataBuilder[ParallaxMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
-    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> ParallaxMetadata:
+    def build(self, common_prefix_len: int, common_attn_metadata,
+              fast_build: bool = False) -> ParallaxMetadata:
         m = common_attn_metadata
         b = m.num_reqs
         qsl = m.query_start_loc_cpu[: b + 1].tolist()
         seq_lens = m.seq_lens[:b].to(torch.int32)
         return ParallaxMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl,
                                 seq_lens=seq_lens.cpu().tolist(), seq_lens_t=seq_lens,
-                                block_table=m.block_table_tensor[:b].to(torch.int32), max_seq_len=m.max_seq_len)
+                                block_table=m.block_table_tensor[:b].to(torch.int32),
+                                max_seq_len=m.max_seq_len)
 
 
 class ParallaxAttentionImpl(c.AttentionImpl[ParallaxMetadata]):
@@ -108,8 +110,8 @@ class ParallaxAttentionImpl(c.AttentionImpl[ParallaxMetadata]):
             raise NotImplementedError(f"parallax vLLM backend: {', '.join(refuse)} not supported")
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % (2 * num_kv_heads):
-            raise ValueError(f"parallax vLLM backend: num_heads ({num_heads}) must be 2 * Hq with Hq a multiple "
-                             f"of num_kv_heads ({num_kv_heads}) ([q; r] packed per KV group)")
+            raise ValueError(f"parallax vLLM backend: num_heads ({num_heads}) must be 2 * Hq with Hq a "
+                             f"multiple of num_kv_heads ({num_kv_heads}) ([q; r] packed per KV group)")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.kv_cache_dtype = num_kv_heads, kv_cache_dtype
         self.sliding_window = sliding_window
@@ -139,7 +141,8 @@ class ParallaxAttentionImpl(c.AttentionImpl[ParallaxMetadata]):
             nb = -(-max(m.seq_lens[i] for i in decode) // k_cache.shape[2])
             out = parallax_attention_with_kvcache(
                 q[rows].unsqueeze(2), r[rows].unsqueeze(2), k_cache, v_cache, cache_seqlens=m.seq_lens_t[idx],
-                block_table=m.block_table[idx, :nb].contiguous(), scale=self.scale, window_size=self.sliding_window)
+                block_table=m.block_table[idx, :nb].contiguous(), scale=self.scale,
+                window_size=self.sliding_window)
             o[rows] = out.squeeze(2)
         bs = k_cache.shape[2]
         for i, length in enumerate(m.seq_lens):
@@ -151,7 +154,8 @@ class ParallaxAttentionImpl(c.AttentionImpl[ParallaxMetadata]):
             v = v_cache[blocks].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :length]
             qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
             ri = r[s:e].transpose(0, 1).unsqueeze(0)
-            out = parallax_attention(qi, ri, k, v, scale=self.scale, causal=True, window_size=self.sliding_window)
+            out = parallax_attention(qi, ri, k, v, scale=self.scale, causal=True,
+                                     window_size=self.sliding_window)
             o[s:e] = out[0].transpose(0, 1)
         output[:n].view(n, hkv, 2, g, d)[:, :, 0] = o.view(n, hkv, g, d)
         return output

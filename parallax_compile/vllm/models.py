@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -48,7 +49,8 @@ def _per_head(norm: nn.Module, x: torch.Tensor, d: int) -> torch.Tensor:
     return norm(x.unflatten(-1, (-1, d))).flatten(-2)
 
 
-def parallax_attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+def parallax_attention_forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                               **kwargs) -> torch.Tensor:
     """Forward of a Parallax attention module (bound to the stock module by :func:`install_probes`)."""
     qkv, _ = self.qkv_proj(hidden_states)
     q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -79,7 +81,8 @@ def _convert(module: nn.Module, owner: str, vllm_config, window: int | None) -> 
                             f"written for vLLM {c.VLLM_VERSION}, running {c.installed_version()}")
     old = module.attn
     if getattr(module, "do_llama_4_scaling", False):
-        raise NotImplementedError(f"parallax vLLM plugin: `{owner}` uses Llama 4 attention scaling, not supported")
+        raise NotImplementedError(f"parallax vLLM plugin: `{owner}` uses Llama 4 attention scaling, "
+                                  "not supported")
     if getattr(old.impl, "logits_soft_cap", None):
         raise NotImplementedError(f"parallax vLLM plugin: `{owner}` uses logit soft-capping, not supported")
     hq, hkv, d = module.num_heads, module.num_kv_heads, module.head_dim
@@ -89,8 +92,9 @@ def _convert(module: nn.Module, owner: str, vllm_config, window: int | None) -> 
     module.r_gain = nn.Parameter(torch.ones(hq, dtype=module.r_proj.weight.dtype), requires_grad=False)
     module.r_gain.weight_loader = _load_sharded_heads
     c.forget_attention_layer(vllm_config, old.layer_name)
-    module.attn = c.Attention(2 * hq, d, module.scaling, num_kv_heads=hkv, cache_config=vllm_config.cache_config,
-                              quant_config=None, per_layer_sliding_window=window, prefix=old.layer_name,
+    module.attn = c.Attention(2 * hq, d, module.scaling, num_kv_heads=hkv,
+                              cache_config=vllm_config.cache_config, quant_config=None,
+                              per_layer_sliding_window=window, prefix=old.layer_name,
                               attn_backend=ParallaxAttentionBackend)
     module.forward = types.MethodType(parallax_attention_forward, module)
 
@@ -109,7 +113,8 @@ def install_probes(model: nn.Module, vllm_config, *, all_layers_window: int | No
         raise NotImplementedError("parallax vLLM plugin: speculative decoding is not supported")
     bad = {o: p for o, p in probes.items() if p != "q_proj"}
     if bad:
-        raise ValueError(f"parallax vLLM plugin: probes on projections other than `q_proj` are not supported: {bad}")
+        raise ValueError(f"parallax vLLM plugin: probes on projections other than `q_proj` are not "
+                         f"supported: {bad}")
     modules = dict(model.named_modules())
     done = []
     for owner in probes:
@@ -130,7 +135,8 @@ def _with_default_gains(model: nn.Module, loaded: set[str]) -> set[str]:
     """Gains missing from the checkpoint keep 1 (a checkpoint from before ``r_gain``)."""
     missing = {n for n, _ in model.named_parameters() if n.endswith(".r_gain") and n not in loaded}
     if missing:
-        logger.info("parallax: %d r_gain tensors not in the checkpoint; gain 1 (r = chain(W_R x))", len(missing))
+        logger.info("parallax: %d r_gain tensors not in the checkpoint; gain 1 (r = chain(W_R x))",
+                    len(missing))
     return loaded | missing
 
 
@@ -138,7 +144,7 @@ class _ParallaxMixin:
     _all_layers_window = False
     # vLLM's loader reads every *.safetensors in the directory; `parallax-compile convert` also writes
     # reference.safetensors (example inputs and outputs, not weights). Read vLLM attribute: _compat.
-    allow_patterns_overrides = ["model*.safetensors"]
+    allow_patterns_overrides: ClassVar[list[str]] = ["model*.safetensors"]
 
     def _install(self, vllm_config) -> None:
         window = None
