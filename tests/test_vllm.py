@@ -7,10 +7,11 @@ when vllm is not importable.
   shuffled block table, then one mixed batch (decodes, a chunked-prefill chunk, a fresh prefill, a
   prefix longer than a block) against the float64 reference, with and without a sliding window, GQA.
 * End to end per family (tiny random Llama, Qwen3, Mistral, Gemma 3, head_dim 32, converted with
-  ``hf.upgrade`` + ``save_pretrained``, random ``W_R`` on layer 1 and zero on layer 0, random per-head
-  ``r_gain`` with one head at 0): ``vllm.LLM``'s greedy tokens for prompts of lengths 5-75 (chunked
-  prefill: 64 tokens per step) equal transformers' ``generate`` on the same directory, and differ from
-  the tokens with the probes zeroed; a second batch re-using a 40-token prompt's first block hits the
+  ``hf.upgrade`` and saved as ``parallax-compile convert`` does; random ``W_R``, gains 0 on layer 0
+  (``r = 0``) and random per head on layer 1 with one head at 0; Mistral: a checkpoint without
+  ``r_gain``, gain 1): ``vllm.LLM``'s greedy tokens for prompts of lengths 5-75 (chunked prefill: 64
+  tokens per step) equal transformers' ``generate`` on the same directory, and differ from the tokens
+  with the gains zeroed; a second batch re-using a 40-token prompt's first block hits the
   prefix cache and still matches.
 * The OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on 127.0.0.1 answers a
   completion request over HTTP (httpx) with transformers' greedy text; stopped by its PID.
@@ -149,9 +150,11 @@ def _run(tmp_path: Path, spec: dict, timeout: int = 900) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma3"])
-def test_vllm_greedy_equals_transformers(tmp_path, family):
-    path = vt.write_converted(family, tmp_path / "model", probes="random")
+@pytest.mark.parametrize(("family", "probes"),
+                         [("llama", "random"), ("qwen3", "random"), ("mistral", "legacy"),
+                          ("gemma3", "random")])
+def test_vllm_greedy_equals_transformers(tmp_path, family, probes):
+    path = vt.write_converted(family, tmp_path / "model", probes=probes)
     batch = vt.prompts(seed=1)  # lengths 5, 17, 40, 75: chunked prefill at 64 tokens per step
     again = [batch[2][:36] + vt.prompts(seed=2, lengths=(9,))[0]]  # shares the 40-token prompt's first block
     res = _run(tmp_path, {"model": str(path), "batches": [batch, again], "max_tokens": 12})

@@ -51,10 +51,12 @@ def _probe_layers(model):
 def write_converted(family: str, out: Path, *, probes: str = "random", seed: int = 0) -> Path:
     """A tiny random ``family`` model upgraded by ``hf.upgrade`` and saved with ``hf.save_hf``
     (``save_pretrained`` plus ``parallax.json`` and ``reference.safetensors``, as ``parallax-compile
-    convert`` writes it) and a tokenizer. ``probes``: ``"zero"`` or ``"random"`` (random ``W_R`` on every
-    layer and a
-    random per-head ``r_gain`` in the checkpoint, one head's gain 0, layer 0's ``W_R`` zero)."""
+    convert`` writes it) and a tokenizer. ``W_R`` as ``hf.upgrade`` initialises it (random like
+    ``W_Q``); ``probes="random"``: layer 0's gains 0 (``r = 0``: softmax there), layer 1's gains
+    random per head with head 0 at 0; ``probes="legacy"``: gains 1 and no ``r_gain`` in the
+    checkpoint (one saved before the gain existed)."""
     import transformers
+    from safetensors.torch import load_file, save_file
 
     from parallax_compile import hf
 
@@ -63,77 +65,41 @@ def write_converted(family: str, out: Path, *, probes: str = "random", seed: int
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa",
                                                               dtype=torch.float32).eval()
-    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
-    info = hf.upgrade(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+        info = hf.upgrade(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     owners = _probe_layers(model)
-    gains = {}
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for i, m in enumerate(owners):
-            w = m.r_proj.weight
-            if probes == "random" and i > 0:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-            hq = w.shape[0] // HEAD_DIM
-            gain = torch.rand(hq, generator=g) * 1.5 + 0.25
-            gain[0] = 0.0
-            gains[i] = gain if probes == "random" else None
-    has_gain = all(hasattr(m, "r_gain") for m in owners)
+            if probes == "legacy":
+                m.r_gain.fill_(1.0)
+            elif i == 0:
+                m.r_gain.zero_()
+            else:
+                gain = torch.rand(m.r_gain.shape, generator=g) * 1.5 + 0.25
+                gain[0] = 0.0
+                m.r_gain.copy_(gain)
     hf.save_hf(model, info, out)  # as `parallax-compile convert`: save_pretrained + report + reference
     word_tokenizer().save_pretrained(out)
-    if probes == "random":
-        _write_gains(model, owners, gains, out, has_gain, family)
+    if probes == "legacy":
+        sd = load_file(out / "model.safetensors")
+        save_file({k: v for k, v in sd.items() if not k.endswith(".r_gain")}, out / "model.safetensors",
+                  metadata={"format": "pt"})
     return out
-
-
-def _write_gains(model, owners, gains, out, has_gain, family):
-    """Put ``r_gain`` in the checkpoint. Where transformers' model has no ``r_gain`` yet (before
-    issue 12), only a linear chain (Llama: no per-head norm) lets the reference fold the gain into
-    ``W_R``: there the checkpoint keeps ``W_R`` and ``r_gain`` and the reference directory (same
-    folder, ``reference/``) gets ``r_gain * W_R``; other families keep no gain (gain 1)."""
-    from safetensors.torch import load_file, save_file
-
-    names = {id(m): n for n, m in model.named_modules()}
-    path = out / "model.safetensors"
-    sd = load_file(path)
-    if has_gain:
-        for i, m in enumerate(owners):
-            sd[f"{names[id(m)]}.r_gain"] = gains[i].contiguous()
-        save_file(sd, path, metadata={"format": "pt"})
-        return
-    if family not in ("llama", "mistral"):
-        return
-    ref = dict(sd)
-    for i, m in enumerate(owners):
-        name = names[id(m)]
-        w = sd[f"{name}.r_proj.weight"]
-        sd[f"{name}.r_gain"] = gains[i].contiguous()
-        folded = w.view(-1, HEAD_DIM, w.shape[-1]) * gains[i][:, None, None]
-        ref[f"{name}.r_proj.weight"] = folded.reshape(w.shape)
-    save_file(sd, path, metadata={"format": "pt"})
-    refdir = out / "reference"
-    refdir.mkdir()
-    for f in out.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            (refdir / f.name).write_bytes(f.read_bytes())
-    save_file(ref, refdir / "model.safetensors", metadata={"format": "pt"})
-
-
-def reference_dir(path: Path) -> Path:
-    return path / "reference" if (path / "reference").is_dir() else path
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *,
               zero_probes: bool = False) -> list[list[int]]:
     """transformers' greedy tokens for each prompt (one at a time, no padding), from the converted
     directory (``parallax_compile.hf.from_pretrained``); stops at EOS. ``zero_probes``: with every
-    ``W_R`` set to 0 (softmax attention), to show that the probes change the tokens."""
+    ``r_gain`` set to 0 (softmax attention), to show that the probes change the tokens."""
     from parallax_compile import hf
 
-    model = hf.from_pretrained(reference_dir(path), dtype=torch.float32).eval()
+    model = hf.from_pretrained(path, dtype=torch.float32).eval()
     if zero_probes:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "r_proj" in name:
+                if name.endswith("r_gain"):
                     p.zero_()
     outs = []
     for p in prompts:
@@ -148,8 +114,9 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *,
 
 def write_converted_gemma3_270m(out: Path, *, probes: str = "zero", seed: int = 0) -> tuple[Path, Path]:
     """Gemma 3 270M (real weights, :mod:`parallax_compile.models.gemma3`) upgraded with ``hf.upgrade``,
-    ``W_R`` zero or random (W_Q's std; through the q-norm that makes ``r`` as large as ``q`` and the
-    text noise), saved with ``save_pretrained`` plus the tokenizer, into ``out``.
+    ``W_R`` as ``hf.upgrade`` initialises it (random like ``W_Q``) and gains 0 (``probes="zero"``)
+    or random in [0.02, 0.1] per head (``"random"``; through the q-norm ``r`` is as large as ``q``,
+    so a gain near 1 turns the text into noise), saved with ``save_pretrained`` plus the tokenizer.
     Returns ``(converted dir, unconverted dir)``."""
     import shutil
 
@@ -164,8 +131,11 @@ def write_converted_gemma3_270m(out: Path, *, probes: str = "zero", seed: int = 
     hf.upgrade(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in _probe_layers(model) if probes == "random" else []:
-            m.r_proj.weight.copy_(torch.randn(m.r_proj.weight.shape, generator=g) * m.q_proj.weight.std())
+        for m in _probe_layers(model):
+            if probes == "random":
+                m.r_gain.copy_(torch.rand(m.r_gain.shape, generator=g) * 0.08 + 0.02)
+            else:
+                m.r_gain.zero_()
     model.save_pretrained(out)
     for f in plain.iterdir():
         if f.name.startswith("tokenizer"):

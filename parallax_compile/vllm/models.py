@@ -69,7 +69,11 @@ def parallax_attention_forward(self, positions: torch.Tensor, hidden_states: tor
 
 
 def _load_sharded_heads(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """``r_gain [Hq]`` -> this rank's heads (a one-element gain scales every head)."""
     n = param.shape[0]
+    if loaded.numel() == 1:
+        param.data.fill_(float(loaded.reshape(())))
+        return
     start = c.get_tensor_model_parallel_rank() * n
     param.data.copy_(loaded.narrow(0, start, n).to(param.dtype))
 
@@ -132,8 +136,12 @@ def install_probes(model: nn.Module, vllm_config, *, all_layers_window: int | No
 
 
 def _with_default_gains(model: nn.Module, loaded: set[str]) -> set[str]:
-    """Gains missing from the checkpoint keep 1 (a checkpoint from before ``r_gain``)."""
-    missing = {n for n, _ in model.named_parameters() if n.endswith(".r_gain") and n not in loaded}
+    """A checkpoint without any ``r_gain`` (saved before the gain existed) keeps gain 1, what it
+    computed (as :func:`parallax_compile.hf.from_pretrained`); one with some gains missing is refused."""
+    gains = {n for n, _ in model.named_parameters() if n.endswith(".r_gain")}
+    missing = gains - loaded
+    if missing and missing != gains:
+        raise ValueError(f"parallax vLLM plugin: probe gains missing from the checkpoint: {sorted(missing)}")
     if missing:
         logger.info("parallax: %d r_gain tensors not in the checkpoint; gain 1 (r = chain(W_R x))",
                     len(missing))
