@@ -102,7 +102,7 @@ def prepare_model(args, rank: int) -> Path:
             from parallax_compile.models.gemma3 import gemma3_270m_dir
 
             tokenizer_dir = gemma3_270m_dir()
-        hf.save_hf(loaded.model, info, base, source=args.model, tokenizer_dir=tokenizer_dir)
+        hf.save_hf(loaded.model, base, source=args.model, tokenizer_dir=tokenizer_dir)
         print(f"# upgraded {args.model} ({len(info.sites)} sites) and saved it to {base}", flush=True)
     if dist.is_initialized():
         dist.barrier()

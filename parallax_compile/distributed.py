@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -276,7 +275,6 @@ def checkpoint_to_conversion(checkpoint, base_dir, out_dir, *, overwrite: bool =
     import torch.distributed.checkpoint as dcp
 
     from . import hf
-    from .saving import REFERENCE_FILE
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -287,10 +285,6 @@ def checkpoint_to_conversion(checkpoint, base_dir, out_dir, *, overwrite: bool =
     # parameter is missing from the checkpoint
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     model.load_state_dict(state["model"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    weights = re.compile(r".*\.(safetensors|bin)$|.*\.index\.json$")
-    for f in base_dir.iterdir():  # report, reference outputs, tokenizer: what save_pretrained did not write
-        if f.is_file() and not (out_dir / f.name).exists() and (f.name == REFERENCE_FILE or not weights.match(f.name)):
-            shutil.copy2(f, out_dir / f.name)
+    # the conversion directory of any save: manifest (weights recorded as trained), reference, tokenizer
+    hf.save_hf(model, out_dir, trained=True, overwrite=True, tokenizer_dir=base_dir)
     return out_dir

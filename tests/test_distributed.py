@@ -103,7 +103,7 @@ def _upgraded(family: str, directory: Path) -> Path:
     with torch.no_grad():
         for _, p in pc.named_probe_parameters(loaded.model):
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.1))
-    return hf.save_hf(loaded.model, info, directory, source=f"tiny-{family}")
+    return hf.save_hf(loaded.model, directory, source=f"tiny-{family}")
 
 
 @pytest.fixture(scope="module")

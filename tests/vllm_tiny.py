@@ -79,7 +79,7 @@ def write_converted(family: str, out: Path, *, probes: str = "random", seed: int
                 gain = torch.rand(m.r_gain.shape, generator=g) * 1.5 + 0.25
                 gain[0] = 0.0
                 m.r_gain.copy_(gain)
-    hf.save_hf(model, info, out)  # as `parallax-compile convert`: save_pretrained + report + reference
+    hf.save_hf(model, out)  # as `parallax-compile convert`: save_pretrained + report + reference
     word_tokenizer().save_pretrained(out)
     if probes == "legacy":
         sd = load_file(out / "model.safetensors")
