@@ -47,7 +47,7 @@ def test_inspect_default_model():
 def test_inspect_json_factory():
     result = _run("inspect", "tests.test_cli:factory", "--json")
     assert result.exit_code == 0, result.output
-    sites = json.loads(result.output)
+    sites = json.loads(result.stdout)  # progress lines go to stderr
     assert [s["module_path"] for s in sites] == ["layers.0.self_attn", "layers.1.self_attn"]
     assert all(s["rewritable"] for s in sites)
 

@@ -322,7 +322,7 @@ def test_cli_inspect_lists_lla_sites_with_lambda():
     assert load_model("lla-cg").model.config.solver == "cg"
     result = CliRunner().invoke(main, ["inspect", "lla-cg", "--seq-len", "24", "--json"])
     assert result.exit_code == 0, result.output
-    sites = json.loads(result.output)
+    sites = json.loads(result.stdout)  # progress lines go to stderr
     assert [(s["form"], s["ridge"], s["cg_iterations"]) for s in sites] == [("lla-cg", 0.5, 8)] * 2
     assert all(s["fit"]["lla_match_error"] < 1e-2 for s in sites)
 
