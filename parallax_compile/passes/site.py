@@ -15,13 +15,16 @@ class MaskTerm:
     ``kind``: ``"add"`` (``coef * node`` added to the logits; a boolean ``node`` is a finite fill
     such as ``finfo.min``, negated first when ``negate``), ``"keep"`` (boolean, True = keep) or
     ``"drop"`` (boolean, True = masked out). ``node == "causal_top_left"`` stands for SDPA's
-    top-left causal mask when ``Lq != Lk``.
+    top-left causal mask when ``Lq != Lk``. ``scores``: when the term is added after a reshape of
+    the scores (Bloom: ``[B * H, Lq, Lk]`` viewed as ``[B, H, Lq, Lk]``), that reshape's node: the
+    term is broadcast to its shape and reshaped like ``QK^T`` (``site.nodes["scores"]``).
     """
 
     kind: str
     node: Any
     coef: float = 1.0
     negate: bool = False
+    scores: Any = None
 
 
 @dataclass
