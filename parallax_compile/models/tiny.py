@@ -17,10 +17,10 @@ under a fixed seed (the global RNG is left alone).
 | falcon  | FalconForCausalLM           | `x @ W.T` projection, fused QKV, MQA (not AttentionInterface) |
 | bloom   | BloomForCausalLM (eager)    | fused QKV per head, ALiBi by 3-D baddbmm, views around the softmax |
 | gpt_neo | GPTNeoForCausalLM (eager)   | no scaling, fill value through `detach_`, local window 8 on layer 1 |
-| gemma2  | Gemma2ForCausalLM           | logit soft-capping (eager: a reported skip), sliding window 8 |
+| gemma2  | Gemma2ForCausalLM (eager)   | logit soft-capping (a reported skip), sliding window 8 |
 
 Decoder-only LMs get the last row left-padded, encoders right-padded (see :mod:`.hf`). Bloom and
-GPT-Neo have no ``sdpa`` implementation in transformers 5 (:data:`IMPLEMENTATIONS`).
+GPT-Neo (and Gemma 2, for its soft-capping) have no ``sdpa`` implementation in transformers 5 (:data:`IMPLEMENTATIONS`).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ TINY_FAMILIES: dict[str, Callable[[Any], tuple[Any, str, str]]] = {
 
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {f: ("eager", "sdpa") for f in TINY_FAMILIES}
 """The attention implementations each family has in transformers 5."""
-IMPLEMENTATIONS.update(bloom=("eager",), gpt_neo=("eager",))
+IMPLEMENTATIONS.update(bloom=("eager",), gpt_neo=("eager",), gemma2=("eager",))
 
 
 def tiny_hf_model(
