@@ -134,8 +134,10 @@ def _falcon(t: Any) -> tuple[Any, str, str]:
 
 
 def _bloom(t: Any) -> tuple[Any, str, str]:
+    # initializer_range 0.2 (not 0.02): with 0.02 at width 64 a step of 1e-3 on the probe gains
+    # moves the logits by about fp32 rounding, and the continuity check cannot measure it.
     cfg = t.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=1)
+                        eos_token_id=1, initializer_range=0.2)
     return cfg, "AutoModelForCausalLM", "causal"
 
 

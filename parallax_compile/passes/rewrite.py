@@ -125,15 +125,6 @@ def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> 
     return keep if keep is not None else add
 
 
-def _query_block(w_q: torch.Tensor, chain: QueryChain) -> torch.Tensor:
-    """The rows (or columns, for a ``x @ W`` projection) of ``W_Q`` that produce ``q``."""
-    if w_q.dim() == 2 and w_q.shape[0] == chain.fused_width:
-        return w_q[chain.offset:chain.offset + chain.out_features]
-    if w_q.dim() == 2 and w_q.shape[-1] == chain.fused_width:
-        return w_q[:, chain.offset:chain.offset + chain.out_features]
-    return w_q
-
-
 def _gain(graph: fx.Graph, r: fx.Node, path: str, heads: int, rank: int, dtype: torch.dtype) -> fx.Node:
     """``r`` times the per-head gain (:func:`parallax_compile.probes.apply_gain` as ATen nodes);
     ``dtype``: the gain's."""
@@ -163,7 +154,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
     out = site.nodes["out"]
     w_q = _fetch(gm, chain.weight)
     w_r = torch.nn.Linear(chain.in_features, chain.out_features, bias=False, device=w_q.device, dtype=w_q.dtype)
-    init_probe_weight(w_r.weight, _query_block(w_q, chain))
+    init_probe_weight(w_r.weight, chain.query_weight(w_q).detach())
     gm.add_submodule(path, w_r)
     heads = _heads(site, site.nodes["q"])
     g_owner, _, g_attr = gain_path(path).rpartition(".")
