@@ -31,6 +31,7 @@ from .tiny import IMPLEMENTATIONS, TINY_FAMILIES, tiny_hf_model
 
 __all__ = [
     "GPT",
+    "IMPLEMENTATIONS",
     "TINY_FAMILIES",
     "GPTConfig",
     "LoadedModel",
