@@ -161,7 +161,7 @@ def _upgrade(name: str, build: Callable[[], Any]) -> str:
     try:
         info = hf.upgrade(copy.deepcopy(model), loaded.example_inputs, valid_positions=loaded.valid_positions)
     except Exception as exc:  # noqa: BLE001 - the refusal is the row
-        return f"refused: {str(exc).splitlines()[0][:160]}"
+        return f"refused: {str(exc).splitlines()[0][:240]}"
     return f"yes ({len(info.rewritten)})"
 
 
