@@ -9,9 +9,12 @@
 3. trains every parameter (probes included) with AdamW on the prose of Python's reference manual
    (``pydoc_data``, always on disk), printing the loss and the probe norms every few steps;
 4. reports the validation loss before and after, and saves the model with
-   :func:`parallax_compile.save`. ``parallax-compile verify OUTPUT`` checks every Parallax node
-   against the float64 reference and the outputs at ``W_R = 0`` against the *original* model, so
-   the second check passes only with ``--probes-only`` (otherwise the other weights moved too).
+   :func:`parallax_compile.save` (``trained=True`` unless ``--probes-only``).
+   ``parallax-compile verify OUTPUT`` checks every weight against the manifest's digests, every
+   Parallax node against the float64 reference and, with ``--probes-only``, the outputs at
+   ``W_R = 0`` against the *original* model (after full fine-tuning it says that check does not apply).
+
+``--from DIR`` starts from a conversion directory written by ``parallax-compile convert nanogpt -o DIR``.
 
 CPU only, a couple of seconds per step at the defaults.
 """
@@ -27,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 import parallax_compile as pc
+from parallax_compile.checks import is_probe
 from parallax_compile.models import load_model, text
 
 
@@ -43,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("converted/nanogpt-finetuned"),
                    help="directory to save the converted, fine-tuned model to")
+    p.add_argument("--from", dest="from_dir", type=Path, default=None,
+                   help="start from a conversion directory (parallax-compile convert nanogpt -o DIR) instead of "
+                        "converting here")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if it holds another fine-tune")
     return p.parse_args(argv)
 
 
@@ -69,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model("nanogpt", seq_len=args.block_size, batch_size=2)
     print(f"model: {loaded.description}")
 
+    if args.from_dir is not None:  # a conversion directory: the same module, loaded; pc.save takes it back
+        model = pc.load(args.from_dir)
+        sites = model.meta["parallax_report"]["sites"]
+        print(f"loaded {args.from_dir}: {sum(s['rewritable'] for s in sites)} of {len(sites)} site(s) rewritten")
+        return _finetune(args, model)
     t0 = time.perf_counter()
     model = pc.convert(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims)
     info = model.meta["parallax"]
@@ -80,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if not info.rewritten:
         print("no attention site could be rewritten; nothing to fine-tune")
         return 1
+    return _finetune(args, model)
 
+
+def _finetune(args: argparse.Namespace, model: torch.nn.Module) -> int:
     train, val = text.train_val_split(0.1)
     print(f"data: {len(train):,} training / {len(val):,} validation bytes of Python's reference manual")
     before = val_loss(model, val, args.eval_batches, args.batch_size, args.block_size)
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.probes_only:
         for n, p in model.named_parameters():
-            p.requires_grad_("r_proj" in n)
+            p.requires_grad_(is_probe(n))  # r_proj and its gain r_gain
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
@@ -108,15 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     after = val_loss(model, val, args.eval_batches, args.batch_size, args.block_size)
     print(f"validation loss after {args.steps} steps: {after:.4f} (before: {before:.4f})")
 
-    out = pc.save(model, args.output, source="nanogpt (fine-tuned by examples/finetune_nanogpt.py)")
-    print(f"saved to {out}")
-    if args.probes_only:
-        print(f"check it with: parallax-compile verify {out}")
-    else:
-        # verify compares the saved model at W_R = 0 with the *original* model's outputs, which
-        # only holds while nothing but the probes was trained; its op-vs-float64 check still applies.
-        print(f"note: `parallax-compile verify {out}` will report that the outputs at W_R = 0 differ from "
-              "the original model: every weight was fine-tuned (use --probes-only to keep them)")
+    # trained=True records that the non-probe weights moved (verify then skips the comparison with the
+    # original model at W_R = 0, saying so); with --probes-only that comparison still applies.
+    out = pc.save(model, args.output, source="nanogpt (fine-tuned by examples/finetune_nanogpt.py)",
+                  trained=not args.probes_only, overwrite=args.overwrite)
+    print(f"saved to {out}; check it with: parallax-compile verify {out}")
     return 0
 
 

@@ -33,7 +33,6 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from .passes.capture import Capture, _split_inputs
-from .passes.rewrite import gain_path
 from .reference import cross_covariance_ref, lla_probe_ref
 
 __all__ = [
@@ -206,16 +205,18 @@ def calibrate_lla_sites(cap: Capture, gm: fx.GraphModule, sites, added: dict, ch
         op = ops[id(s)]
         wanted |= {chains[id(s)].x, s.nodes["out"], *[a for a in op.args[:5] if isinstance(a, fx.Node)]}
     values = [_record(gm, inp, wanted) for inp in inputs]
+    plain = _plain_head_splits(gm, sites, ops, chains, added, inputs[0])
     rejected = {}
     for s in sites:
-        reason = _calibrate_site(gm, s, ops[id(s)], chains[id(s)], added[id(s)][1], values, inputs,
+        reason = _calibrate_site(gm, s, ops[id(s)], chains[id(s)], added[id(s)][1], values, plain[id(s)],
                                  probe_init, probe_ridge, refine_steps)
         if reason:
             rejected[id(s)] = reason
     return rejected
 
 
-def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe_ridge, refine_steps) -> str | None:
+def _calibrate_site(gm, site, op, chain, path, values, plain, probe_init, probe_ridge,
+                    refine_steps) -> str | None:
     q_n, r_n, k_n, v_n, m_n = op.args[:5]
     kw = _op_kw(op, site)
     values, held = _merge(values, _held_out(values, q_n))
@@ -225,7 +226,7 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
         q, k = vals[q_n].double(), vals[k_n].double()
         mask = vals[m_n] if isinstance(m_n, fx.Node) else None
         mask = mask.double() if mask is not None and mask.is_floating_point() else mask
-        rho = lla_probe_ref(q, k, ridge=site.ridge, attn_mask=mask, cg_iters=site.cg_iterations, **kw)
+        rho = _site_probe(site, q, k, mask, kw)
         mu_v, c_vk = cross_covariance_ref(q, k, vals[v_n].double(), attn_mask=mask, **kw)
         o = _parallax(mu_v, c_vk, rho)
         lla_err.append(_rel(o, vals[site.nodes["out"]].double().reshape(o.shape)))
@@ -236,17 +237,20 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
     fit: dict[str, Any] = {"probe_init": probe_init, "lla_match_error": match,
                            "calibration_tokens": int(sum(h.numel() - h.sum() for h in held)),
                            "held_out_tokens": int(sum(h.sum() for h in held))}
+    if site.nodes.get("lla_omega") is not None:
+        fit["omega"] = site.nodes["lla_omega"]
     site.fit = fit
     if not match <= LLA_MATCH_TOLERANCE:
-        return (f"the site's output differs from LLA with lambda={site.ridge:g} by {match:.2e} "
-                f"(relative RMS, above {LLA_MATCH_TOLERANCE:g}): not converted")
+        # Not LLA after all (another use of the key statistics, or a misread lambda): it stays the
+        # softmax site it is, with what was tried in the reason.
+        reason = (f"its weights feed key statistics and a linear solve ({site.form}), but the output "
+                  f"differs from LLA with lambda={site.ridge:g} by {match:.2e} (relative RMS, above "
+                  f"{LLA_MATCH_TOLERANCE:g}): not LLA, not converted")
+        site.form, site.ridge, site.cg_iterations = "softmax", None, None
+        return reason
     probe = gm.get_submodule(path)
-    gain = gm.get_parameter(gain_path(path))
     gate = _gate(gm, path)
     d_in = probe.weight.shape[1]
-    with torch.no_grad():
-        gain.fill_(1.0)  # the calibrated probe is r = W_R x: gain one (zero gain: r = 0, softmax)
-    plain = _plain_head_split(gm, probe, gate, inputs[0], chain.x, q_n, r_n)
     if not plain:
         fit["note"] = ("calibration needs the probe to be a plain head split of the query projection "
                        "(no rotary embedding or per-head norm on q); the probe starts at zero")
@@ -274,11 +278,45 @@ def _calibrate_site(gm, site, op, chain, path, values, inputs, probe_init, probe
             fit["probe_init"], w = "zero", None
     site.max_error = fit["output_error_calibrated"] if w is not None else fit["output_error_zero"]
     with torch.no_grad():
-        gain.fill_(1.0 if w is not None else 0.0)  # zero: W_R keeps its random start (SPEC section 7)
         if w is not None:
             # With the gate at its initial value sigmoid(0) = 1/2, W_R = 2 W gives r = W x.
             probe.weight.copy_((w * (2.0 if gate is not None else 1.0)).to(probe.weight))
+        elif _gain(gm, path) is None:
+            probe.weight.zero_()
+        # else: r = 0 through the gain; W_R keeps its random init (W_R = 0 and gain = 0 would give
+        # both zero gradients: a probe that never trains).
+        _set_gain(gm, path, w is not None)
     return None
+
+
+def _gain(gm, path: str) -> Tensor | None:
+    """The per-head probe gain ``r_gain [Hq]`` next to ``W_R`` (``<owner>.r_proj`` ->
+    ``<owner>.r_gain``, ``r_proj_1`` -> ``r_gain_1``), or None (no gain parametrisation)."""
+    owner, _, name = path.rpartition(".")
+    gain = getattr(gm.get_submodule(owner) if owner else gm, name.replace("r_proj", "r_gain", 1), None)
+    return gain if isinstance(gain, Tensor) else None
+
+
+def _set_gain(gm, path: str, calibrated: bool) -> None:
+    """``r_gain`` = 1 when the fitted ``W_R`` is installed (``r = W_R x`` approximates the solve),
+    else 0 (the site starts as softmax attention)."""
+    gain = _gain(gm, path)
+    if gain is not None:
+        with torch.no_grad():
+            gain.fill_(1.0 if calibrated else 0.0)
+
+
+LOOPS = {"lla-cg": "cg", "lla-jacobi": "jacobi", "lla-richardson": "richardson"}
+
+
+def _site_probe(site, q: Tensor, k: Tensor, mask, kw: dict) -> Tensor:
+    """The probe the site's solver computes, in float64: the exact ridge solve (every direct
+    solver form), or the unrolled loop's iterations (CG, Jacobi, Richardson with its ``omega``)."""
+    loop = LOOPS.get(site.form)
+    if loop is None:
+        return lla_probe_ref(q, k, ridge=site.ridge, attn_mask=mask, **kw)
+    return lla_probe_ref(q, k, ridge=site.ridge, attn_mask=mask, cg_iters=site.cg_iterations, loop=loop,
+                         omega=site.nodes.get("lla_omega"), **kw)
 
 
 def _gate(gm, path):
@@ -288,25 +326,44 @@ def _gate(gm, path):
         return None
 
 
-def _plain_head_split(gm, probe, gate, inputs, x_n: fx.Node, q_n: fx.Node, r_n: fx.Node) -> bool:
-    """Whether the replayed chain maps ``W x`` to ``r`` by a plain head split (feature
-    ``h * D + d`` -> ``r[:, h, :, d]``; rotary embeddings or per-head norms are not), checked by
-    running the graph with a random ``W``."""
-    saved = probe.weight.detach().clone()
-    p = torch.randn(probe.weight.shape, generator=torch.Generator().manual_seed(0),
-                    dtype=probe.weight.dtype).to(probe.weight.device)
+def _plain_head_splits(gm, sites, ops, chains, added, inputs) -> dict[int, bool]:
+    """``{id(site): plain}``: whether each site's replayed chain maps ``W x`` to ``r`` by a plain
+    head split (feature ``h * D + d`` -> ``r[:, h, :, d]``; rotary embeddings or per-head norms are
+    not), checked by one run of the graph with a random ``W`` in every probe (and the gains, if
+    any, at 1). The LLA sites' users read their original outputs meanwhile, so the probes change
+    nothing but ``r``."""
+    saved, p = {}, {}
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        probe.weight.copy_(p)
         try:
-            got = _record(gm, inputs, {r_n, x_n, q_n})
+            for s in sites:
+                path = added[id(s)][1]
+                probe, gain = gm.get_submodule(path), _gain(gm, path)
+                saved[path] = (probe.weight.detach().clone(),
+                               gain.detach().clone() if gain is not None else None)
+                w = torch.randn(probe.weight.shape, generator=gen, dtype=probe.weight.dtype)
+                p[id(s)] = w.to(probe.weight.device)
+                probe.weight.copy_(p[id(s)])
+                if gain is not None:
+                    gain.fill_(1.0)
+            wanted = {n for s in sites for n in (ops[id(s)].args[0], ops[id(s)].args[1], chains[id(s)].x)}
+            got = _record(gm, inputs, wanted)
         finally:
-            probe.weight.copy_(saved)
-    r, x, q = got[r_n], got[x_n], got[q_n]
-    if x.dim() != 3 or q.dim() != 4 or tuple(x.shape[:2]) != (q.shape[0], q.shape[2]):
-        return False
-    want = (0.5 if gate is not None else 1.0) * (x @ p.T)
-    want = want.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
-    return tuple(r.shape) == tuple(want.shape) and _rel(r.double(), want.double()) < 1e-4
+            for path, (w, g) in saved.items():
+                gm.get_submodule(path).weight.copy_(w)
+                if g is not None:
+                    _gain(gm, path).copy_(g)
+    out = {}
+    for s in sites:
+        q, r, x = got[ops[id(s)].args[0]], got[ops[id(s)].args[1]], got[chains[id(s)].x]
+        if x.dim() != 3 or q.dim() != 4 or tuple(x.shape[:2]) != (q.shape[0], q.shape[2]):
+            out[id(s)] = False
+            continue
+        gate = _gate(gm, added[id(s)][1])
+        want = (0.5 if gate is not None else 1.0) * (x @ p[id(s)].T)
+        want = want.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+        out[id(s)] = tuple(r.shape) == tuple(want.shape) and _rel(r.double(), want.double()) < 1e-4
+    return out
 
 
 def _op_kw(op: fx.Node, site) -> dict:

@@ -16,17 +16,18 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .passes.capture import Capture, capture, record
+from .checks import TOLERANCE, relative_error, tensor_digests, weights_digest
+from .passes.adversarial import adversarial_variants, mask_inputs
+from .passes.capture import Capture, capture, mark_specialised, record
 from .passes.match import Skip, find_sites
 from .passes.query_chain import find_query_chain, locate_query_block
 from .passes.rewrite import gain_path, probe_path, remove_probe, rewrite_site
 from .passes.site import AttentionSite
 from .probes import check_continuity, is_probe
 
-__all__ = ["find_attention", "convert", "run_conversion", "ConversionInfo", "relative_error", "TOLERANCE"]
-
-# Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# TOLERANCE, relative_error, is_probe and weights_digest live in .checks (re-exported here).
+__all__ = ["find_attention", "convert", "run_conversion", "ConversionInfo", "relative_error", "TOLERANCE",
+           "is_probe", "weights_digest"]
 
 
 @dataclass
@@ -42,6 +43,9 @@ class ConversionInfo:
     weights_digest: str = ""
     """sha256 of the non-probe weights at conversion: ``verify`` compares against the original
     outputs only while these are unchanged (probes-only fine-tuning)."""
+    digests: dict = field(default_factory=dict, repr=False)
+    """Per tensor of the converted module's ``state_dict`` (probes included), its digest
+    (:func:`~parallax_compile.checks.tensor_digests`): the conversion directory records them."""
     example_args: tuple = field(default=(), repr=False)
     example_kwargs: dict = field(default_factory=dict, repr=False)
     dynamic_shapes: Any = field(default=None, repr=False)
@@ -67,43 +71,6 @@ class ConversionInfo:
     @property
     def skipped(self) -> list[AttentionSite]:
         return [s for s in self.sites if not s.rewritable]
-
-
-def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:
-    """``max |new - ref| / max |ref|`` over the positions where ``ref`` is finite (and ``valid``,
-    a bool ``[B, L]`` matched against the first two dims); ``inf`` when ``new`` is not finite
-    where ``ref`` is. Works block by block: a language model's logits can be gigabytes."""
-    new, ref = new.detach(), ref.detach()
-    if ref.dim() < 2:
-        new, ref = new.reshape(1, 1, -1), ref.reshape(1, 1, -1)
-    use_valid = valid is not None and tuple(ref.shape[:2]) == tuple(valid.shape)
-    diff, scale = 0.0, 0.0
-    for b in range(ref.shape[0]):
-        for i0 in range(0, ref.shape[1], 64):
-            a, r = new[b, i0:i0 + 64], ref[b, i0:i0 + 64]
-            if use_valid:
-                rows = valid[b, i0:i0 + 64]
-                a, r = a[rows], r[rows]
-            keep = torch.isfinite(r)
-            if bool((keep & ~torch.isfinite(a)).any()):
-                return math.inf
-            d = torch.where(keep, (a - r).abs(), 0)
-            diff = max(diff, d.max().item() if d.numel() else 0.0)
-            ra = torch.where(keep, r.abs(), 0)
-            scale = max(scale, ra.max().item() if ra.numel() else 0.0)
-    return diff / scale if scale > 0 else diff
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over the names and bytes of every parameter and buffer that is not a probe."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if not is_probe(name):
-            h.update(name.encode())
-            h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _tol(t: torch.Tensor) -> float:
@@ -170,8 +137,12 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     probe is fitted to LLA's solved probe (``probe_init="calibrated"``, on ``calibration`` inputs,
     default the example inputs; see :mod:`parallax_compile.calibrate`) or zero, and ``site.fit``
     reports the error instead of the exact W_R = 0 check."""
+    from .calibrate import PROBE_INITS
+
     if probe not in ("linear", "gated"):
         raise ValueError(f"probe must be 'linear' or 'gated', got {probe!r}")
+    if probe_init not in PROBE_INITS:
+        raise ValueError(f"probe_init must be one of {PROBE_INITS}, got {probe_init!r}")
     cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=dynamic)
     sites, chains, ref_out = _prepare(cap)
     gm, taken, added = cap.gm, set(), {}
@@ -205,6 +176,7 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         else:
             site.rewritable, site.reason = True, None
     gm.recompile()
+    _check_adversarial(cap, gm, [s for s in sites if s.rewritable and s.ridge is None], added)
     # 2. The whole model, with gradients: outputs unchanged and finite probe gradients (LLA sites
     # detoured to their original output meanwhile, and calibrated on the original activations).
     lla = [s for s in sites if id(s) in added and s.ridge is not None]
@@ -215,17 +187,56 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     continuity = _check_continuity(cap, gm, [s for s in sites if s not in lla], added, ref_out)
     lla_errors = _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration)
     gm.graph.eliminate_dead_code()  # only now: a revert needs the original attention nodes
+    _erase_unused_attention(gm)
     for site in sites:
         if id(site) in added and not site.rewritable:
             remove_probe(gm, added[id(site)][1])
     gm.graph.lint()
     gm.recompile()
+    mark_specialised(cap, "the conversion")  # a pass that guarded on a dynamic dim pinned it
     info = ConversionInfo(sites=sites, dynamic=cap.dynamic, note=cap.note, max_output_error=worst,
                           example_args=cap.args, example_kwargs=cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
-                          reference_outputs=ref_out, weights_digest=weights_digest(gm), continuity=continuity,
+                          reference_outputs=ref_out, weights_digest=weights_digest(gm), digests=tensor_digests(gm),
+                          continuity=continuity,
                           **lla_errors)
     gm.meta["parallax"] = info
     return gm, info
+
+
+def _check_adversarial(cap, gm, live, added) -> None:
+    """Run every rewritten site on synthesized masks (:mod:`.passes.adversarial`: fully masked rows,
+    single-key rows, ``finfo.min`` rows) wherever a mask is a graph input, and revert a site whose op
+    output differs from its original attention there."""
+    positions = mask_inputs(gm, live)
+    if not positions:
+        return
+    wanted = {n for s in live for n in (added[id(s)][0]["out"], s.nodes["out"])}
+    for label, args, kwargs in adversarial_variants(cap.args, cap.kwargs, positions):
+        variant = Capture(gm=gm, args=args, kwargs=kwargs, dynamic=cap.dynamic)
+        try:
+            _, values = record(variant, gm, wanted)
+        except Exception:  # noqa: BLE001 - the model itself rejects such a mask: nothing to compare
+            continue
+        for site in live:
+            if not site.rewritable:
+                continue
+            ref, new = values[site.nodes["out"]], values[added[id(site)][0]["out"]]
+            err = relative_error(new, ref)
+            if err > _tol(ref):
+                _revert(gm, site, added[id(site)][0], added[id(site)][1],
+                        f"on a synthesized mask input ({label}: fully masked / single-key rows) the op "
+                        f"differs from the original attention by {err:.2e} (relative)")
+    gm.recompile()
+
+
+def _erase_unused_attention(gm: fx.GraphModule) -> None:
+    """Drop replaced SDPA nodes: dead-code elimination keeps them (SDPA is tagged
+    nondeterministic for its dropout), and they would still run."""
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and node.target is torch.ops.aten.scaled_dot_product_attention.default \
+                and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
 
 
 def _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration) -> dict:

@@ -96,8 +96,8 @@ def check_kvcache_args(q, r, k_cache, v_cache, cache_seqlens, block_table, scale
         raise ValueError(_err(f"`scale` must be finite, got {scale}"))
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(_err(f"`num_splits` must be a positive int or None (heuristic), got {num_splits!r}"))
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and b > 0:  # value checks need a host sync: skipped inside CUDA-graph capture
+    capturing = (q.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling()
+    if not capturing and b > 0:  # value checks need a host sync: skipped in CUDA-graph capture and compile
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi > l_max:
             raise ValueError(_err(f"`cache_seqlens` must lie in [0, L_max = {l_max}], got min {lo}, max {hi}"))
@@ -135,6 +135,10 @@ def _portable(q, r, k_cache, v_cache, cache_seqlens, block_table, scale, window_
     if block_table is not None:
         k_cache, v_cache = gather_paged(k_cache, block_table), gather_paged(v_cache, block_table)
     mask = decode_mask(cache_seqlens, q.shape[2], l_max, window_size)
+    # Slots past a sequence's length are never read: zeroed, so that whatever an uninitialised cache
+    # holds there (NaN, Inf) cannot reach the output through 0 * NaN.
+    used = (torch.arange(l_max, device=q.device)[None, :] < cache_seqlens.long()[:, None])[:, None, :, None]
+    k_cache, v_cache = torch.where(used, k_cache, 0), torch.where(used, v_cache, 0)
     return torch.ops.parallax.attention(q, r, k_cache, v_cache, mask, scale, False, None)[0]
 
 
@@ -208,10 +212,10 @@ def parallax_attention_with_kvcache(
         ``Hq % Hkv != 0``, ``cache_seqlens`` not int32 ``[B]`` or outside ``[0, L_max]``, block
         ids out of range, a non-positive window; raised before any kernel launches. (The range
         checks of ``cache_seqlens`` / ``block_table`` need a host sync and are skipped while a
-        CUDA graph is being captured.)
+        CUDA graph is being captured or ``torch.compile`` traces the call.)
     """
     l_max = check_kvcache_args(q, r, k_cache, v_cache, cache_seqlens, block_table, scale, window_size, num_splits)
-    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    s = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) if scale is None else float(scale)
     if q.is_cuda:
         td = _triton_decode()
         if td is not None and td.supports(q, k_cache, v_cache):

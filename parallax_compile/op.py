@@ -94,7 +94,9 @@ def check_attention_args(
 
 
 def _resolve_scale(q: Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else scale
+    if scale is not None:
+        return scale
+    return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0  # head_dim 0: every logit is 0 anyway
 
 
 @torch.library.custom_op("parallax::attention", mutates_args=())
@@ -177,7 +179,7 @@ def _attention_cuda(q, r, k, v, attn_mask=None, scale=None, causal=False, window
 def _attention_backward_cuda(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal,
                              window_size, mask_needs_grad):
     s = _resolve_scale(q, scale)
-    tp = _triton_kernels()
+    tp = _triton_kernels() if q.shape[2] and k.shape[2] else None  # empty: the portable path's zeros
     if tp is not None and tp.supports(q, r, k, v, attn_mask, s, causal, window_size, mask_needs_grad):
         dq, dr, dk, dv, _ = tp.parallax_bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, s,
                                             causal, window_size, False)

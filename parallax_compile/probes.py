@@ -85,6 +85,8 @@ def gain_name(probe_attr: str) -> str:
 def init_probe_weight(w_r: Tensor, w_q: Tensor, generator: torch.Generator | None = None) -> None:
     """Fill ``w_r`` in place with normal noise of ``w_q``'s standard deviation (``w_q``: the query
     block of ``W_Q``; any shape). ``generator``: a CPU generator (default: torch's global one)."""
+    if w_r.is_meta or w_q.is_meta:  # built on the meta device (from_pretrained): the checkpoint fills it
+        return
     with torch.no_grad():
         std = float(w_q.detach().float().std()) if w_q.numel() > 1 else 0.0
         if not std > 0:
@@ -100,8 +102,9 @@ def new_gain(num_heads: int, like: Tensor) -> nn.Parameter:
 
 def apply_gain(r: Tensor, gain: Tensor) -> Tensor:
     """``r`` ``[B, H, L, D]`` (or ``[B * H, L, D]``, batch-major) times ``gain`` ``[H]`` per head
-    (a gain of one element scales every head), in ``r``'s dtype."""
-    g = gain.to(r.dtype)
+    (a gain of one element scales every head), in ``r``'s dtype. Under tensor parallelism the gain
+    is a DTensor sharded like the heads: each rank multiplies its own heads by its local shard."""
+    g = (gain.to_local() if hasattr(gain, "to_local") else gain).to(r.dtype)
     if g.numel() == 1:
         return r * g.reshape(())
     if r.dim() == 4:
@@ -116,9 +119,9 @@ def check_continuity(run, gains: list[nn.Parameter], reference, *, eps: float | 
     current gains (zero after a conversion). The gains are set to ``eps * u`` and ``2 * eps * u``
     (``u``: random signs per head, seeded) and restored. Returns ``{"eps", "relative_change"
     (||d1|| / ||reference||), "linearity_error" (||d2 - 2 d1|| / ||d2||), "ok"}``: ``ok`` when the
-    response is finite and linear to first order (``linearity_error`` below 0.05 in fp32/fp64,
-    0.3 in half precision) -- a jump (RMSNorm's scale invariance with a zero ``W_R``) gives
-    ``d2 ~ d1`` and a linearity error near 1/2."""
+    response is finite and linear to first order (``linearity_error`` at most 0.3 in fp32/fp64,
+    0.5 in half precision) -- a jump (RMSNorm's scale invariance with a zero ``W_R``) gives
+    ``d2 ~ d1`` and a linearity error near 1."""
     from torch.utils import _pytree as pytree
 
     def floats(out):
@@ -153,5 +156,5 @@ def check_continuity(run, gains: list[nn.Parameter], reference, *, eps: float | 
     n1, n2 = norm(d1), norm(d2)
     nref = norm([torch.where(k, r, 0) for r, k in zip(ref, keep)])
     lin = norm([b - 2 * a for a, b in zip(d1, d2)]) / n2 if n2 > 0 else 0.0
-    ok = finite and lin <= (0.3 if low else 0.05)
+    ok = finite and lin <= (0.5 if low else 0.3)
     return {"eps": eps, "relative_change": n1 / nref if nref > 0 else n1, "linearity_error": lin, "ok": ok}

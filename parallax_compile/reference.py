@@ -36,6 +36,7 @@ __all__ = [
     "lla_cg_attention_ref",
     "cross_covariance_ref",
     "conjugate_gradient",
+    "stationary_iteration",
 ]
 
 
@@ -210,19 +211,32 @@ def lla_probe_ref(
     window_size: int | None = None,
     attn_mask: Tensor | None = None,
     cg_iters: int | None = None,
+    loop: str = "cg",
+    omega: float | None = None,
 ) -> Tensor:
     """LLA's solved probe ``rho_i = (C_kk,i + ridge I)^-1 (mu_k_i - q_i)`` (SPEC section 2). ``[B, Hq, Lq, D]``.
 
-    ``cg_iters=None`` solves exactly (``torch.linalg.solve``); ``cg_iters=n`` runs ``n`` steps of
-    :func:`conjugate_gradient` from 0 instead, as FlashLLA does (exact after ``D`` steps in exact
-    arithmetic).
+    ``cg_iters=None`` solves exactly (``torch.linalg.solve``); ``cg_iters=n`` runs ``n`` steps of a
+    fixed-iteration loop from 0 instead: ``loop="cg"`` :func:`conjugate_gradient`, as FlashLLA does
+    (exact after ``D`` steps in exact arithmetic), ``"jacobi"`` or ``"richardson"`` (step ``omega``)
+    :func:`stationary_iteration`. Raises ``ValueError`` for another ``loop`` or a Richardson loop
+    without ``omega``.
     """
     s, kr, _, mu_k, _ = _moments(
         q, k, k, scale=scale, causal=causal, window_size=window_size, attn_mask=attn_mask
     )
     c_kk = torch.einsum("bhij,bhjd,bhje->bhide", s, kr, kr) - mu_k[..., :, None] * mu_k[..., None, :]
     if cg_iters is not None:
-        return conjugate_gradient(lambda p: (c_kk @ p[..., None]).squeeze(-1) + ridge * p, mu_k - q, cg_iters)
+        matvec = lambda p: (c_kk @ p[..., None]).squeeze(-1) + ridge * p  # noqa: E731
+        if loop == "cg":
+            return conjugate_gradient(matvec, mu_k - q, cg_iters)
+        if loop == "jacobi":
+            diag = c_kk.diagonal(dim1=-2, dim2=-1) + ridge
+            return stationary_iteration(matvec, mu_k - q, cg_iters, lambda res: res / diag)
+        if loop == "richardson" and omega is not None:
+            return stationary_iteration(matvec, mu_k - q, cg_iters, lambda res: omega * res)
+        raise ValueError(f"lla_probe_ref: loop must be 'cg', 'jacobi' or 'richardson' (with omega), "
+                         f"got {loop!r}")
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     return torch.linalg.solve(c_kk + ridge * eye, (mu_k - q)[..., None]).squeeze(-1)
 
@@ -243,6 +257,15 @@ def conjugate_gradient(matvec, b: Tensor, iters: int) -> Tensor:
         rs_new = (res * res).sum(-1, keepdim=True)
         p = res + torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0) * p
         rs = rs_new
+    return x
+
+
+def stationary_iteration(matvec, b: Tensor, iters: int, step) -> Tensor:
+    """``iters`` steps of ``x <- x + step(b - A x)`` from ``x = 0`` (``A`` given as ``matvec(p) = A p``):
+    Jacobi with ``step(res) = res / diag(A)``, Richardson with ``step(res) = omega * res``."""
+    x = torch.zeros_like(b)
+    for _ in range(iters):
+        x = x + step(b - matvec(x))
     return x
 
 

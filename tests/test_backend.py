@@ -318,11 +318,12 @@ def test_compile_converted_tiny_llama(kernel_calls):
                                         dynamic_dims=loaded.dynamic_dims, valid_positions=loaded.valid_positions)
     gm = compiled._orig_mod
     probes = {n: p for n, p in model.named_parameters() if n not in before}
-    assert sorted(probes) == [f"model.layers.{i}.self_attn.r_proj.weight" for i in range(2)]
+    assert sorted(probes) == sorted(f"model.layers.{i}.self_attn.{n}" for i in range(2)
+                                    for n in ("r_gain", "r_proj.weight"))
     assert {id(p) for p in gm.parameters()} == {id(p) for p in model.parameters()}
-    with torch.no_grad():  # make the correction active: W_R = 0 would hide a wrong backward
+    with torch.no_grad():  # make the correction active: r = 0 would hide a wrong backward
         for p in probes.values():
-            p.normal_(0, 0.2)
+            p.normal_(0, 0.2) if p.dim() == 2 else p.fill_(1.0)
     valid = loaded.valid_positions
     params = list(model.parameters())
     out = compiled(**loaded.example_inputs).logits

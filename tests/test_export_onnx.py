@@ -164,24 +164,23 @@ def tiny_llama():
     return loaded, gm
 
 
-def test_tiny_llama_gqa_padding_from_the_cli(tiny_llama, tmp_path):
-    """``parallax-compile export onnx tiny-llama`` (same seed, same weights as the fixture)."""
-    from click.testing import CliRunner
-
-    from parallax_compile.cli import main
-
+def test_graph_export_has_optimum_names(tiny_llama, tmp_path):
+    """A graph conversion exports with the model's input names, its output fields as output names
+    (``logits``, not the last op's ``linear_20``) and Optimum's dim names (not ``s95``); ORT equals
+    PyTorch at the export's shapes and at another batch / length."""
     loaded, gm = tiny_llama
-    path = tmp_path / "llama.onnx"
-    res = CliRunner().invoke(main, ["export", "onnx", "tiny-llama", "-o", str(path)])
-    assert res.exit_code == 0, res.output
-    assert "2 ai.parallax::ParallaxAttention v1 node(s)" in res.output and "checker (full) OK" in res.output
-    assert "ONNX Runtime vs PyTorch: max relative error" in res.output
+    path = export_onnx(gm, path=tmp_path / "llama.onnx")
+    proto = onnx.load(path)
+    assert [o.name for o in proto.graph.output][0] == "logits"
+    assert _symbolic_dims(proto, "input_ids") == ["batch_size", "sequence_length"]
+    assert _symbolic_dims(proto, "attention_mask") == ["batch_size", "sequence_length"]
+    (logits,) = [o for o in proto.graph.output if o.name == "logits"]
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == [
+        "batch_size", "sequence_length", 128]
     other = load_model("tiny-llama", seq_len=27, batch_size=3)  # same weights, other shapes
     _check_model_in_ort(loaded, gm, path, other=(other.example_inputs, other.valid_positions))
-    nodes = parallax_nodes(onnx.load(path))
+    nodes = parallax_nodes(proto)
     assert len(nodes) == 2
-    kinds = {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "causal"}
-    assert kinds <= {0, 1}
 
 
 def test_tiny_llama_with_live_probes(tiny_llama, tmp_path):
@@ -266,3 +265,81 @@ def test_fast_path_kernel_replaces_the_function(forms_onnx):
         return
     for a, b in zip(run_onnx(forms_onnx, feed, fast_path=True), want):
         assert torch.equal(torch.from_numpy(a), b)
+
+
+# --- Optimum's layout: a directory, and a decoder with its KV cache ------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_with_past(tmp_path_factory):
+    """tiny Llama upgraded in place, with live probes (random ``r_proj``; ``r_gain`` non-zero where
+    the model has one), exported as an Optimum directory with its KV cache."""
+    from parallax_compile.export.onnx_dir import export_onnx_dir
+    from parallax_compile.hf import upgrade
+
+    loaded = load_model("tiny-llama")
+    model = loaded.model
+    upgrade(model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims, valid_positions=loaded.valid_positions)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "r_proj" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "r_gain" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    inputs = {k: v for k, v in loaded.example_inputs.items() if k != "use_cache"}
+    out = tmp_path_factory.mktemp("llama_onnx")
+    report = export_onnx_dir(out, model, inputs, valid=loaded.valid_positions, new_tokens=6)
+    return model, inputs, out, report
+
+
+def test_decoder_directory_layout_and_names(llama_with_past):
+    model, _, out, report = llama_with_past
+    assert (out / "model.onnx").is_file() and (out / "config.json").is_file()
+    layers = model.config.num_hidden_layers
+    pairs = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    assert report.inputs == ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{p}" for p in pairs]
+    assert report.outputs == ["logits"] + [f"present.{p}" for p in pairs]
+    assert report.dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert report.dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert report.dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert report.dims["present.1.value"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
+    assert report.kv_cache and report.parallax_nodes == layers
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+
+
+def test_decoder_generates_token_by_token_like_pytorch(llama_with_past):
+    """The check export_onnx_dir ran (prompt with left padding, 6 greedy tokens with the cache) and
+    a second prompt at another batch and length: tokens equal, first-step logits within 1e-4;
+    the probes are live (zeroing them moves the logits), so they were exported."""
+    from parallax_compile.export.onnx_decoder import ort_greedy
+
+    model, inputs, out, report = llama_with_past
+    assert report.ok and report.tokens_equal and report.generated_tokens == 6
+    assert report.error <= 1e-4
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    tokens, first = ort_greedy(str(out / "model.onnx"), ids, mask, 5)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(tokens, want)
+    assert relative_error(first, logits, mask.bool()) <= 1e-4
+    probes = [p for n, p in model.named_parameters() if "r_proj" in n]
+    saved = [p.detach().clone() for p in probes]
+    with torch.no_grad():
+        for p in probes:
+            p.zero_()
+        moved = relative_error(model(input_ids=ids, attention_mask=mask).logits, first, mask.bool())
+        for p, s0 in zip(probes, saved):
+            p.copy_(s0)
+    assert moved > 1e-3, "the probes do not change the logits: the test could not see them dropped"
+
+
+def test_directory_refuses_a_file_name(tmp_path):
+    from parallax_compile.export.onnx_dir import export_onnx_dir
+
+    with pytest.raises(ValueError, match="expected a directory"):
+        export_onnx_dir(tmp_path / "model.onnx", torch.nn.Linear(2, 2), {})

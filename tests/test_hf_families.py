@@ -173,7 +173,9 @@ def test_heads_gqa_and_probe_names(converted: Converted):
             assert s.gqa == "none"
         assert s.probe == f"{s.module_path}.r_proj.weight"
         assert s.probe in state and s.probe in params and params[s.probe].requires_grad
-        assert bool((state[s.probe] == 0).all())
+        gain = s.probe.replace("r_proj.weight", "r_gain")
+        assert bool((state[gain] == 0).all()) and state[gain].shape == (heads,)
+        assert state[s.probe].std() > 0  # W_R starts random like W_Q; the zero gain keeps r = 0
         assert params[s.probe].shape[0] == heads * head_dim
     probes = sorted(n for n in state if "r_proj" in n)
     assert probes == sorted(s.probe for s in info.sites)
@@ -207,11 +209,13 @@ def test_one_backward_gives_finite_nonzero_probe_gradients(converted: Converted)
     if valid is not None:
         weights = weights * valid[..., None]
     loss = (main * weights).sum()
-    probes = [gm.get_parameter(s.probe) for s in info.sites]
-    grads = torch.autograd.grad(loss, probes)
-    for s, g in zip(info.sites, grads):
-        assert torch.isfinite(g).all(), s.probe
-        assert g.abs().max() > 0, f"{s.probe}: zero gradient"
+    # At initialisation the gains (zero) get the gradient; W_R follows once they move (SPEC section 7).
+    gains = [s.probe.replace("r_proj.weight", "r_gain") for s in info.sites]
+    grads = torch.autograd.grad(loss, [gm.get_parameter(g) for g in gains] + [gm.get_parameter(s.probe) for s in info.sites])
+    for name, g in zip(gains, grads):
+        assert torch.isfinite(g).all(), name
+        assert g.abs().max() > 0, f"{name}: zero gradient"
+    assert all(torch.isfinite(g).all() for g in grads[len(gains):])
 
 
 def test_mask_the_op_receives(converted: Converted):

@@ -1,7 +1,8 @@
-"""Local Linear Attention: the example model against the float64 reference, recognition of the
-solve and CG forms, calibrated conversion (better than W_R = 0, reported as approximate), the
-gated probe's forward and gradients, the refusal of a site that is not the LLA it looks like,
-and the CLI."""
+"""Local Linear Attention: the example model (every solver and statistics spelling) against the
+float64 reference, recognition of every catalogued LLA form (causal + GQA, non-causal + MHA),
+calibrated conversion (better than W_R = 0, reported as approximate), the gated probe's forward
+and gradients, the refusal of a site that is not the LLA it looks like, softmax layers that use
+their weights otherwise keeping a correct reason, the one-line capture error for lstsq, and the CLI."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from parallax_compile.calibrate import fit_lla_probe, text_calibration
 from parallax_compile.cli import main
 from parallax_compile.convert import run_conversion
 from parallax_compile.models import load_model
-from parallax_compile.models.lla import build_lla_model, lla_core
+from parallax_compile.models.lla import Block, LLAConfig, build_lla_model, lla_core
 from parallax_compile.models.text import byte_tokens
 from parallax_compile.passes.capture import capture
 from parallax_compile.passes.match import find_sites
@@ -23,6 +25,7 @@ from parallax_compile.reference import (
     allowed_keys,
     lla_attention_ref,
     lla_cg_attention_ref,
+    lla_probe_ref,
     parallax_attention_ref,
 )
 
@@ -31,21 +34,88 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("solver", ["solve", "cg"])
-def test_model_core_matches_reference(solver):
-    """The example's LLA (as a model writes it) == the float64 oracle: GQA, causal, odd sizes."""
+DIRECT = ["solve", "solve_ex", "cholesky", "triangular", "inv", "lu"]
+LOOPS = {"cg": "cg", "jacobi": "jacobi", "richardson": "richardson"}
+
+
+@pytest.mark.parametrize("moments", ["flatten", "einsum", "outer", "centred"])
+@pytest.mark.parametrize("solver", DIRECT + list(LOOPS))
+def test_model_core_matches_reference(solver, moments):
+    """The example's LLA, each spelling (as a model writes it) == the float64 oracle: GQA, causal
+    and non-causal, odd sizes; the loops == the oracle of the same loop with the same steps."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 11, 5, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 11, 5, generator=g, dtype=torch.float64) for _ in range(2))
-    keep = allowed_keys(11, 11, causal=True)
-    got = lla_core(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), ridge=0.3, solver=solver,
-                   cg_iters=3, keep=keep)
-    if solver == "solve":
-        want = lla_attention_ref(q, k, v, ridge=0.3, attn_mask=keep)
-    else:
-        want = lla_cg_attention_ref(q, k, v, ridge=0.3, cg_iters=3, attn_mask=keep)
-        assert _rel(got, lla_attention_ref(q, k, v, ridge=0.3, attn_mask=keep)) > 1e-4  # 3 < D steps
-    assert _rel(got, want) < 1e-12
+    for keep in (allowed_keys(11, 11, causal=True), None):
+        got = lla_core(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), ridge=0.3, solver=solver,
+                       cg_iters=3, keep=keep, moments=moments, omega=0.2)
+        if solver in DIRECT:
+            want = lla_attention_ref(q, k, v, ridge=0.3, attn_mask=keep)
+        else:
+            rho = lla_probe_ref(q, k, ridge=0.3, attn_mask=keep, cg_iters=3, loop=LOOPS[solver], omega=0.2)
+            want = parallax_attention_ref(q, rho, k, v, attn_mask=keep)
+            assert _rel(got, lla_attention_ref(q, k, v, ridge=0.3, attn_mask=keep)) > 1e-4  # 3 < D steps
+        assert _rel(got, want) < 1e-10
+    if solver == "cg":
+        assert _rel(want, lla_cg_attention_ref(q, k, v, ridge=0.3, cg_iters=3)) < 1e-12
+
+
+class LLAStack(nn.Module):
+    """Byte embeddings and one LLA block per config: a model whose layers write LLA differently."""
+
+    def __init__(self, configs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(256, configs[0].n_embd)
+        self.h = nn.ModuleList(Block(c) for c in configs)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for block in self.h:
+            x = block(x)
+        return x
+
+
+# (solver, statistics spelling): every catalogued form, the issue's two (einsum + cholesky_solve, inv).
+CAUSAL_GQA = [("solve", "flatten"), ("solve_ex", "einsum"), ("cholesky", "einsum"), ("triangular", "centred"),
+              ("inv", "outer"), ("lu", "flatten"), ("cg", "centred"), ("jacobi", "einsum"),
+              ("richardson", "flatten")]
+NONCAUSAL_MHA = [("cholesky", "flatten"), ("inv", "einsum"), ("lu", "centred"), ("jacobi", "outer"),
+                 ("cg", "einsum"), ("richardson", "centred")]
+
+
+@pytest.mark.parametrize("causal,n_kv_head,spellings", [(True, 2, CAUSAL_GQA), (False, 4, NONCAUSAL_MHA)],
+                         ids=["causal-gqa", "noncausal-mha"])
+def test_every_spelling_is_recognised_and_converted(causal, n_kv_head, spellings):
+    """Each layer a different spelling and lambda: each reported as LLA with its solver form, the
+    right lambda (and iteration count), GQA and mask; converted with a calibrated probe whose
+    held-out error (and W_R = 0's) is reported."""
+    configs = [LLAConfig(block_size=16, n_embd=32, head_dim=8, n_head=4, n_kv_head=n_kv_head, solver=solver,
+                         moments=moments, ridge=0.25 + 0.125 * i, cg_iters=3, omega=0.25, causal=causal)
+               for i, (solver, moments) in enumerate(spellings)]
+    model = LLAStack(configs).eval()
+    example = {"idx": byte_tokens(12, batch_size=2)}
+    calibration = [{"idx": byte_tokens(12, batch_size=2, seed=10 + 2 * j)} for j in range(3)]
+    gm, info = run_conversion(model, example, dynamic=False, calibration=calibration)
+    assert [s.module_path for s in info.sites] == [f"h.{i}.attn" for i in range(len(spellings))]
+    for s, c in zip(info.sites, configs):
+        label = f"{s.module_path} ({c.solver}, {c.moments})"
+        assert s.form == f"lla-{c.solver}", label
+        assert s.ridge == pytest.approx(c.ridge), label
+        assert s.cg_iterations == (3 if c.solver in LOOPS else None), label
+        assert s.nodes.get("lla_omega") == (0.25 if c.solver == "richardson" else None), label
+        assert (s.num_heads, s.num_kv_heads, s.head_dim) == (4, n_kv_head, 8), label
+        assert s.gqa == ("repeat_interleave" if n_kv_head < 4 else "none"), label
+        assert s.mask.startswith("bool drop") if causal else s.mask == "none", label
+        assert s.rewritable and s.reason is None and s in info.approximate, label
+        assert s.fit["lla_match_error"] < 1e-4, label
+        assert s.fit["held_out_tokens"] > 0, label
+        assert 0 < s.fit["output_error_calibrated"] and 0 < s.fit["output_error_zero"] <= 1, label
+        best = min(s.fit["output_error_calibrated"], s.fit["output_error_zero"])
+        assert s.max_error == pytest.approx(best), label
+    assert not any(n.target in (torch.ops.aten.linalg_solve.default, torch.ops.aten.linalg_inv.default)
+                   for n in gm.graph.nodes)
+    assert 0 < info.lla_output_error < float("inf")
 
 
 @pytest.mark.parametrize("solver", ["solve", "cg"])
@@ -108,6 +178,91 @@ def test_unfaithful_site_is_not_converted(monkeypatch):
     assert _rel(gm(**example), model(**example)) < 1e-6
 
 
+class NotLLA(nn.Module):
+    """Softmax attention whose weights also feed weighted key statistics, used otherwise than LLA:
+    ``"newton"``: ``mu_v - C_vk C_kk (mu_k - q)`` (second moments, no solve); ``"wrong_rhs"``: a
+    ridge solve with ``q`` as right-hand side (not ``mu_k - q``); ``"returns"``: plain attention
+    that also returns its weights."""
+
+    def __init__(self, kind: str, d: int = 8, h: int = 2):
+        super().__init__()
+        self.kind, self.d, self.h = kind, d, h
+        self.qkv = nn.Linear(h * d, 3 * h * d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        s = torch.softmax(q @ k.transpose(-2, -1) * self.d ** -0.5, dim=-1)
+        mu_v = s @ v
+        if self.kind == "returns":
+            return mu_v, s
+        mu_k = s @ k
+        c_kk = torch.einsum("bhij,bhjd,bhje->bhide", s, k, k) - mu_k.unsqueeze(-1) * mu_k.unsqueeze(-2)
+        c_vk = torch.einsum("bhij,bhjd,bhje->bhide", s, v, k) - mu_v.unsqueeze(-1) * mu_k.unsqueeze(-2)
+        if self.kind == "newton":
+            rho = (c_kk @ (mu_k - q).unsqueeze(-1)).squeeze(-1)
+        else:
+            rho = torch.linalg.solve(c_kk + 0.5 * torch.eye(self.d), q.unsqueeze(-1)).squeeze(-1)
+        return mu_v - (c_vk @ rho.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", ["newton", "wrong_rhs", "returns"])
+def test_softmax_with_other_uses_of_its_weights_is_not_lla(kind):
+    """Not mistaken for LLA: skipped as a softmax site with the reason that applies, never converted."""
+    model = NotLLA(kind).eval()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))
+    gm, info = run_conversion(model, (x,), dynamic=False, probe_init="zero")
+    (site,) = info.sites
+    assert site.form == "softmax" and site.ridge is None and not site.rewritable
+    if kind == "returns":
+        assert "returned as attentions" in site.reason
+    elif kind == "newton":
+        assert "feed 3 other computation(s) besides P @ V" in site.reason and "returned" not in site.reason
+    else:
+        assert "linear solve (lla-solve)" in site.reason and "not LLA" in site.reason
+    assert not any(n.target is torch.ops.parallax.attention.default for n in gm.graph.nodes)
+    for a, b in zip(torch.utils._pytree.tree_leaves(gm(x)), torch.utils._pytree.tree_leaves(model(x))):
+        assert torch.equal(a, b)
+
+
+def test_lstsq_capture_error_is_one_line_with_the_workaround():
+    model = build_lla_model("lstsq", n_layer=1, head_dim=8, n_embd=32)
+    with pytest.raises(RuntimeError) as exc:
+        capture(model, {"idx": byte_tokens(12, batch_size=2)})
+    msg = str(exc.value)
+    assert "\n" not in msg and "`aten.linalg_lstsq.default` has no meta kernel" in msg
+    assert "workaround: for a square (ridge) system write torch.linalg.solve" in msg
+
+
+def test_inspect_table_shows_solver_form_lambda_and_iterations():
+    from rich.console import Console
+
+    from parallax_compile.cli import sites_table
+
+    model = build_lla_model("richardson", n_layer=1, head_dim=8, n_embd=32, cg_iters=4, omega=0.25,
+                            ridge=0.75)
+    sites = find_sites(capture(model, {"idx": byte_tokens(12, batch_size=2)}, dynamic=False).gm)
+    console = Console(width=400, record=True)
+    console.print(sites_table(sites, "t"))
+    assert "lla-richardson (lambda=0.75, 4 iterations, omega=0.25)" in console.export_text()
+
+
+def test_calibrated_probe_sets_the_gain_to_one():
+    """With the per-head gain parametrisation, a calibrated W_R is installed with r_gain = 1
+    (r = W_R x approximates the solve); without a calibrated probe the gain is 0."""
+    from parallax_compile.calibrate import _set_gain
+
+    root = nn.Module()
+    root.attn = nn.Module()
+    root.attn.r_proj_1 = nn.Linear(4, 4, bias=False)
+    root.attn.r_gain_1 = nn.Parameter(torch.zeros(2))
+    _set_gain(root, "attn.r_proj_1", True)
+    assert torch.equal(root.attn.r_gain_1, torch.ones(2))
+    _set_gain(root, "attn.r_proj_1", False)
+    assert torch.equal(root.attn.r_gain_1, torch.zeros(2))
+    _set_gain(root, "attn.r_proj", True)  # no gain next to this probe: nothing to set
+
+
 def _reference_forward(model, idx, w_r, w_g):
     """The example LM with each LLA layer replaced by float64 Parallax (reference formula) and the
     gated probe r = sigmoid(w_g . x) * W_R x, written out from the model's own modules."""
@@ -139,6 +294,7 @@ def test_gated_probe_forward_and_gradients_match_reference():
     with torch.no_grad():
         w_r.copy_(0.2 * torch.randn(w_r.shape, generator=g, dtype=w_r.dtype))
         w_g.copy_(torch.randn(w_g.shape, generator=g, dtype=w_g.dtype))
+        gm.get_parameter(site.probe.replace("r_proj.weight", "r_gain")).fill_(1.0)  # the reference has no gain
     direction = torch.randn(2, 13, 256, generator=g, dtype=torch.float64)
     out = gm(**example)
     got = torch.autograd.grad((out * direction).sum(), [w_r, w_g, model.h[0].attn.q_proj.weight])

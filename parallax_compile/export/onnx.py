@@ -27,7 +27,8 @@ from .onnx_function import (
 )
 from .program import program
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "parallax_nodes", "run_onnx"]
+__all__ = ["DEFAULT_OPSET", "default_dim_names", "export_onnx", "name_dims", "output_names_of", "parallax_nodes",
+           "run_onnx"]
 
 DEFAULT_OPSET = 20  # torch.onnx's default; the function body needs >= 18
 
@@ -92,6 +93,9 @@ def export_onnx(
     fp16: bool = False,
     accumulate: str = "float",
     check: bool = True,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dim_names: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """Write ``model`` (usually the module returned by :func:`parallax_compile.convert`) to an
     ONNX file at ``path``; returns the path.
@@ -114,6 +118,12 @@ def export_onnx(
         accumulate: ``"float"`` (default) or ``"double"``: the type the function body computes
             in for float/float16 inputs (the PyTorch op accumulates fp32 in fp64 on the CPU).
         check: run ``onnx.checker.check_model(full_check=True)`` on the written file.
+        input_names: ONNX names of the flattened inputs (default: the keyword names).
+        output_names: ONNX names of the flattened outputs (default: the output's field names, e.g.
+            ``logits`` / ``last_hidden_state``; ``output`` / ``output_<i>`` for unnamed ones).
+        dim_names: ``{input name: {axis: name}}`` for the symbolic dims (default:
+            :func:`default_dim_names`); every dim of the graph built from a named symbol is renamed
+            too (``present.0.key``'s ``s5 + s70`` becomes ``past_sequence_length + sequence_length``).
 
     Raises:
         ValueError: opset below 18, unknown ``accumulate``, missing example inputs.
@@ -130,11 +140,14 @@ def export_onnx(
         raise ValueError(f"export_onnx: `accumulate` must be 'float' or 'double', got {accumulate!r}")
     register_schema()
     ep = program(model, example_inputs, dynamic_shapes)
+    ep._guards_code = []  # ONNX has no guards; the exporter's re-trace trips on some (None.size)
     onnx_program = torch.onnx.export(
-        ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False,
+        ep, (), dynamo=True, opset_version=opset, optimize=True, verbose=False, input_names=input_names,
+        output_names=output_names or output_names_of(ep),
         custom_translation_table={torch.ops.parallax.attention.default: _translation(opset)},
     )
     proto = onnx_program.model_proto
+    name_dims(proto, default_dim_names(proto) if dim_names is None else dim_names)
     if fp16:
         proto = _to_fp16(proto)
     elem = _attention_type(proto)
@@ -155,6 +168,68 @@ def export_onnx(
     if check:
         onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def output_names_of(ep: torch.export.ExportedProgram) -> list[str]:
+    """Names of a program's flattened outputs as Optimum writes them: the field path of a
+    ``ModelOutput`` / dict (``logits``, ``last_hidden_state``, ``past_key_values.0.0``), else
+    ``output`` for a lone tensor and ``output_<i>`` for a tuple's items."""
+    from torch.utils import _pytree as pytree
+
+    spec = ep.call_spec.out_spec
+    leaves = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths = [path for path, _ in pytree.tree_flatten_with_path(leaves)[0]]
+    names = []
+    for i, path in enumerate(paths):
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
+        if not path or all(isinstance(k, pytree.SequenceKey) for k in path):
+            names.append("output" if len(paths) == 1 else f"output_{i}")
+        else:
+            names.append(".".join(parts))
+    return names
+
+
+_TOKEN_DIMS = {"decoder_input_ids": "decoder_sequence_length", "decoder_attention_mask": "decoder_sequence_length"}
+
+
+def default_dim_names(proto) -> dict[str, dict[int, str]]:
+    """Optimum's dim names for the graph's inputs: axis 0 of every input ``batch_size``; axis 1 of
+    an integer ``[B, L]`` input (``input_ids``, ``attention_mask``, ``position_ids``, a
+    nanoGPT's ``idx``) and of a float ``[B, L, C]`` input ``sequence_length``
+    (``decoder_sequence_length`` for ``decoder_*`` inputs)."""
+    from onnx import TensorProto
+
+    ints = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL}
+    names = {}
+    for inp in proto.graph.input:
+        tt = inp.type.tensor_type
+        rank = len(tt.shape.dim)
+        dims = {0: "batch_size"} if rank else {}
+        if (rank == 2 and tt.elem_type in ints) or (rank == 3 and tt.elem_type not in ints):
+            dims[1] = _TOKEN_DIMS.get(inp.name, "sequence_length")
+        names[inp.name] = dims
+    return names
+
+
+def name_dims(proto, dim_names: dict[str, dict[int, str]]) -> None:
+    """Rename symbolic dims in place: ``dim_names[input][axis]`` names the symbol found there, and
+    that symbol is replaced everywhere (inputs, outputs, value_info; inside expressions such as
+    ``s5 + s70``). Dims given a name that are static stay static."""
+    import re
+
+    symbols: dict[str, str] = {}
+    for inp in proto.graph.input:
+        for axis, name in dim_names.get(inp.name, {}).items():
+            dims = inp.type.tensor_type.shape.dim
+            if axis < len(dims) and re.fullmatch(r"[A-Za-z_]\w*", dims[axis].dim_param or "-"):
+                symbols.setdefault(dims[axis].dim_param, name)
+    if not symbols:
+        return
+    token = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b")
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = token.sub(lambda m: symbols[m.group(1)], d.dim_param)
 
 
 def _attention_type(proto) -> int | None:

@@ -15,7 +15,8 @@ module without probes gets ``r = 0``.
 
 Dispatch (``query [B, Hq, Lq, D]`` after the split, ``key / value [B, Hkv, Lk, D]``):
 
-* decode (``Lq < Lk``, ``Lq <= 16``, no gradient, no mask or a mask that keeps every cached key):
+* decode (one new token, ``Lq = 1 < Lk``, no gradient, no mask or a mask that keeps every cached
+  key; under ``torch.compile`` / CUDA-graph capture only without a mask, as reading it would sync):
   :func:`parallax_compile.parallax_attention_with_kvcache` with ``cache_seqlens = Lk`` -- the
   split-KV Triton kernel on CUDA;
 * everything else (prefill, training, left padding): ``torch.ops.parallax.attention`` with the
@@ -90,7 +91,10 @@ def parallax_attention_forward(
     # token: with several queries and no mask SDPA's `is_causal` is top-left (a static cache at
     # prefill: the first Lq keys), handled below.
     decode = lq == 1 < lk and no_grad and causal
-    if decode and (mask is None or (mask.dtype == torch.bool and bool(mask.all()))):
+    # Reading the mask's values is a host sync: not while torch.compile traces or a CUDA graph is
+    # captured (then a mask goes to the op below, exact as well).
+    no_sync = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if decode and (mask is None or (not no_sync and mask.dtype == torch.bool and bool(mask.all()))):
         seqlens = torch.full((b,), lk, dtype=torch.int32, device=q.device)
         out = parallax_attention_with_kvcache(q, r, key, value, cache_seqlens=seqlens, scale=scaling,
                                               window_size=sliding_window)

@@ -38,15 +38,13 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from ..convert import TOLERANCE, ConversionInfo, relative_error, weights_digest
+from ..checks import TOLERANCE, relative_error, tensor_digests, weights_digest
+from ..convert import ConversionInfo
 from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
 
@@ -127,7 +125,7 @@ def probe_heads(owner, x: torch.Tensor, position_embeddings=None) -> torch.Tenso
     """``r`` before the gain, ``[B, Hq, L, D]``, from the block input ``x`` ``[B, L, in]``: the probe
     ``W_R x`` split into heads, the module's per-head ``q_norm`` (when it has one), and the family's
     ``apply_rotary_pos_emb`` with ``position_embeddings = (cos, sin)`` (when the module gets them)."""
-    r = F.linear(x, owner.r_proj.weight)
+    r = owner.r_proj(x)  # the module, not its weight: a wrapper (a PEFT LoRA layer on r_proj) takes part
     r = r.view(*x.shape[:-1], -1, _head_dim(owner))
     norm = getattr(owner, "q_norm", None)
     if norm is not None:
@@ -152,26 +150,51 @@ def _probe_hook(positions, owner, args, kwargs):
     return args, {**kwargs, "parallax_r": r}
 
 
-def add_probes(model, probes: dict[str, torch.Tensor]) -> None:
-    """Give each owner module (path) a probe ``r_proj`` shaped like ``probes[owner]`` (the q rows of
-    ``W_Q``, ``[Hq * D, in]``; no bias; random with their std) and a zero gain ``r_gain`` ``[Hq]``,
-    and the pre-hook that computes ``r`` (:func:`probe_heads`); switch the model to ``parallax``
-    attention and record ``config.parallax_probes = {owner: [Hq * D, in]}``."""
+def _probe_shape(owner, value) -> tuple[list[int], torch.Tensor | None]:
+    """``([Hq * D, in], W_Q rows or None)`` from a value of :func:`add_probes`' ``probes``."""
+    if isinstance(value, torch.Tensor):
+        return list(value.shape), value
+    if isinstance(value, str):  # a directory written before the pre-hook: {owner: query projection attribute}
+        w = getattr(owner, value.rsplit(".", 1)[-1]).weight
+        return list(w.shape), w
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(n, int) for n in value):
+        return list(value), None
+    raise ValueError(f"parallax_probes: expected [Hq * D, in] (or a query projection name) for an owner, "
+                     f"got {value!r}")
+
+
+def add_probes(model, probes: dict) -> None:
+    """Give each owner module (path) a probe ``r_proj = nn.Linear(in, Hq * D, bias=False)`` and a
+    zero gain ``r_gain`` ``[Hq]``, and the forward pre-hook that computes ``r``
+    (:func:`probe_heads`); switch the model to ``parallax`` attention and record
+    ``config.parallax_probes = {owner: [Hq * D, in]}``. ``probes[owner]`` is the q rows of ``W_Q``
+    (``[Hq * D, in]``: ``W_R`` is random with their std), or the shape ``[Hq * D, in]`` (a model
+    built from its config, whose weights are loaded after: ``W_R`` random with ``initializer_range``),
+    or the name of a query projection child (directories written before the shape was recorded).
+    Raises ``ValueError`` for another value."""
     attention.register()
-    for owner_path, w_q in probes.items():
+    shapes = {}
+    for owner_path, value in probes.items():
         owner = model.get_submodule(owner_path)
+        shape, w_q = _probe_shape(owner, value)
         if not hasattr(owner, "r_proj"):
             ref = next(owner.parameters())
-            owner.r_proj = torch.nn.Linear(w_q.shape[1], w_q.shape[0], bias=False, device=ref.device, dtype=ref.dtype)
-            init_probe_weight(owner.r_proj.weight, w_q)
+            owner.r_proj = torch.nn.Linear(shape[1], shape[0], bias=False, device=ref.device, dtype=ref.dtype)
+            if w_q is not None:
+                init_probe_weight(owner.r_proj.weight, w_q)
+            elif ref.device.type != "meta":
+                std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+                with torch.no_grad():
+                    owner.r_proj.weight.normal_(0.0, std)
         if not hasattr(owner, "r_gain"):
-            owner.r_gain = new_gain(w_q.shape[0] // _head_dim(owner), owner.r_proj.weight)
+            owner.r_gain = new_gain(shape[0] // _head_dim(owner), owner.r_proj.weight)
         names = list(inspect.signature(owner.forward).parameters)
         positions = {n: names.index(n) for n in ("hidden_states", "position_embeddings") if n in names}
         owner._parallax_hook = owner.register_forward_pre_hook(functools.partial(_probe_hook, positions),
                                                                with_kwargs=True)
         owner.parallax_probe = True
-    model.config.parallax_probes = {o: list(w.shape) for o, w in probes.items()}
+        shapes[owner_path] = shape
+    model.config.parallax_probes = shapes
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
 
 
@@ -242,6 +265,18 @@ def _check_chain(model, plan: dict[str, ProbePlan], args, kwargs) -> list[str]:
         if q is None or q.shape != r.shape or relative_error(r * p.scale, q) > TOLERANCE.get(q.dtype, 1e-5):
             bad.append(owner_path)
     return bad
+def _own_config(model) -> None:
+    """Give ``model`` (and its submodules that share it) a copy of its config: the upgrade writes
+    ``parallax_probes`` and the attention implementation into it, which must not reach another
+    model built from the same config object."""
+    import copy
+
+    memo: dict = {}
+    copy.deepcopy(model.config, memo)  # memo: id(config or sub-config) -> its copy
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and id(c) in memo:
+            m.config = memo[id(c)]
 
 
 def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -> ConversionInfo:
@@ -259,6 +294,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
                             "parallax_compile.convert (the graph path)")
     if getattr(model.config, "parallax_probes", None):
         raise ValueError(f"{type(model).__name__} is already upgraded (config.parallax_probes is set)")
+    _own_config(model)
     if isinstance(example_inputs, dict):  # capture and compare logits, not a KV cache object
         example_inputs = {**example_inputs, "use_cache": example_inputs.get("use_cache", False)}
     sites, plan, cap = find_probe_sites(model, example_inputs, dynamic_dims=dynamic_dims)
@@ -307,64 +343,30 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
     for s in sites:
         if s.rewritable:
             s.max_error = worst
-    return ConversionInfo(sites=sites, dynamic=False, note=cap.note, max_output_error=worst,
+    # The model stays a transformers model run eagerly: any batch size and length (the capture above
+    # only served to find the sites).
+    info = ConversionInfo(sites=sites, dynamic=True, note="", max_output_error=worst,
                           reference_outputs=ref.detach(), weights_digest=weights_digest(model),
-                          example_args=args, example_kwargs=kwargs, continuity=continuity)
+                          digests=tensor_digests(model), example_args=args, example_kwargs=kwargs,
+                          continuity=continuity)
+    from .auto import to_parallax
+    from .saving import conversion_record
+
+    to_parallax(model, conversion_record(info))
+    return info
 
 
 def _takes_use_cache(model) -> bool:
     return "use_cache" in inspect.signature(model.forward).parameters
 
 
-def _probe_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def from_pretrained(path, **kwargs):
+    """Load a Hugging Face conversion directory (``save_pretrained`` after :func:`upgrade`, or
+    ``parallax-compile convert``): the transformers model of class ``Parallax<Base>`` with
+    ``attn_implementation="parallax"`` and its probes. ``kwargs`` go to ``from_pretrained``
+    (``dtype``, ``device_map``...). Same as ``AutoModelForCausalLM.from_pretrained(path)`` after
+    ``import parallax_compile``, and also reads directories written before that. Raises
+    ``ValueError`` when the directory holds no Parallax model."""
+    from .auto import load_pretrained
 
-    found = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key in names:
-                    found[key] = fh.get_tensor(key)
-    return found
-
-
-def from_pretrained(path, *, auto_class: str = "AutoModelForCausalLM", **kwargs):
-    """Load a model saved after :func:`upgrade` (``save_pretrained``): the transformers model with
-    ``attn_implementation="parallax"``, its probes rebuilt from ``config.parallax_probes`` and their
-    weights read from the checkpoint. ``kwargs`` go to ``from_pretrained`` (``dtype``,
-    ``device_map``...). Raises ``ValueError`` when the directory holds no Parallax model."""
-    import transformers
-
-    attention.register()
-    path = Path(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    probes = getattr(config, "parallax_probes", None)
-    if not probes:
-        raise ValueError(f"{path} is not a Parallax model: its config.json has no `parallax_probes`")
-    kwargs.setdefault("attn_implementation", attention.ATTN_IMPLEMENTATION)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the probes are "unexpected keys" to the plain class: loaded below
-    try:
-        model = getattr(transformers, auto_class).from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    names = {f"{o}.r_proj.weight" for o in probes}
-    gains = {f"{o}.r_gain" for o in probes}
-    tensors = _probe_tensors(path, names | gains)
-    if not names <= set(tensors):
-        raise ValueError(f"{path}: probe weights missing from the checkpoint: {sorted(names - set(tensors))}")
-    add_probes(model, {o: tensors[f"{o}.r_proj.weight"] for o in probes})  # shapes from the checkpoint
-    if not gains & set(tensors):
-        # Saved before the gain existed (r = chain(W_R x)): a gain of one keeps that model.
-        warnings.warn(f"{path}: no probe gains (`r_gain`) in the checkpoint (saved by an older version); "
-                      "loading with r_gain = 1, which computes what that version did", stacklevel=2)
-        tensors.update({g: torch.ones_like(model.get_parameter(g)) for g in gains})
-    elif not gains <= set(tensors):
-        raise ValueError(f"{path}: probe gains missing from the checkpoint: {sorted(gains - set(tensors))}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            p = model.get_parameter(name)
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
-    return model
+    return load_pretrained(path, **kwargs)

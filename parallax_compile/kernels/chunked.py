@@ -67,6 +67,12 @@ def _logits_block(qc, k, mask, *, scale, causal, window_size, i0, lq, lk):
     logits = torch.matmul(qc, k.unsqueeze(2).transpose(-1, -2)) * scale
     if mask is not None and mask.dtype != torch.bool:
         logits = logits + mask.to(logits.dtype)
+        rounded = torch.promote_types(mask.dtype, torch.float32)
+        if rounded != logits.dtype:
+            # fp32 inputs on the CPU accumulate in fp64, but ``logits + mask`` is rounded as the fp32
+            # model rounds it: a row of ``finfo.min`` (or -1e9) masks collapses to equal logits
+            # (uniform weights) there, and must here too.
+            logits = logits.to(rounded).to(logits.dtype)
     keep = None
     if causal or window_size is not None:
         i = torch.arange(i0, i0 + qc.shape[-2], device=qc.device)[:, None] + (lk - lq)
@@ -137,16 +143,25 @@ def forward_block(qc, rc, kf, vf, mask, *, scale, causal, window_size, i0, lq, l
     m = logits.amax(-1, keepdim=True)
     empty = m == -math.inf
     p = torch.exp(logits - torch.where(empty, torch.zeros_like(m), m))
-    del logits
     g = torch.matmul(rc, kf.transpose(-1, -2))
-    pg = p * g
+    masked = mask is not None or causal or window_size is not None
+    allowed = logits > -math.inf if masked else None
+    del logits
+    pg = p * g if allowed is None else torch.where(allowed, p * g, 0.0)  # a masked key's NaN k: 0
     del g
     d1 = p.sum(-1, keepdim=True)
     d2 = pg.sum(-1, keepdim=True)
-    o1 = torch.matmul(p, vf)
+    vs, hit = vf, None
+    if masked:  # a masked key's non-finite v must not reach the row (0 * NaN = NaN in a GEMM)
+        bad = ~torch.isfinite(vf)
+        vs = torch.where(bad, 0.0, vf)
+        hit = torch.matmul(allowed.to(vf.dtype), bad.to(vf.dtype)) > 0  # [.., C, Dv]: reads a bad v
+    o1 = torch.matmul(p, vs)
     del p
-    o2 = torch.matmul(pg, vf)
+    o2 = torch.matmul(pg, vs)
     del pg
+    if hit is not None:
+        o1, o2 = torch.where(hit, math.nan, o1), torch.where(hit, math.nan, o2)
     inv = torch.where(empty, torch.zeros_like(d1), 1.0 / torch.where(empty, torch.ones_like(d1), d1))
     mu = o1 * inv
     c = d2 * inv
@@ -205,6 +220,12 @@ def parallax_bwd(
     dk_acc = torch.zeros(b, hkv, lk, d, dtype=acc, device=q.device)
     dv_acc = torch.zeros(b, hkv, lk, v.shape[-1], dtype=acc, device=q.device)
     d_mask_rows = []
+    if lk == 0 or lq == 0:  # nothing attended: the forward gave zeros (or nothing)
+        d_mask = torch.zeros_like(attn_mask) if mask_needs_grad else None
+        return q.new_zeros(q.shape), r.new_zeros(r.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), d_mask
+    masked = attn_mask is not None or causal or window_size is not None
+    if masked:  # a masked key's non-finite k / v must not reach the gradients (0 * NaN in a GEMM)
+        kf, vf = (torch.where(torch.isfinite(x), x, 0.0) for x in (kf, vf))
     step = _chunk_rows(b, hq, lk, acc)
     for i0 in range(0, lq, step):
         i1 = min(lq, i0 + step)

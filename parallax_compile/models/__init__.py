@@ -69,7 +69,8 @@ def load_model(spec: str = "nanogpt", *, seq_len: int | None = None, batch_size:
     natural length of its sentences, tiny models 20, model directories 32). Factories ignore
     ``seq_len`` and ``batch_size``.
 
-    Raises ``ValueError`` for a spec of none of the accepted forms (the message lists them),
+    Raises ``FileNotFoundError`` ("no such directory") for a path that does not exist,
+    ``ValueError`` for a spec of none of the accepted forms (the message lists them),
     ``ImportError`` when the model needs an extra that is not installed."""
     if spec == "nanogpt":
         return _load_nanogpt(seq_len or NANOGPT_SEQ_LEN, batch_size)
@@ -86,11 +87,20 @@ def load_model(spec: str = "nanogpt", *, seq_len: int | None = None, batch_size:
         return tiny_hf_model(*tiny, seq_len=seq_len, batch_size=batch_size)
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
-            raise ValueError(f"model spec {spec!r}: the directory has no config.json; expected {_forms()}")
+            raise ValueError(f"model spec {spec!r}: the directory has no config.json (not a Hugging Face model "
+                             "directory or a conversion)")
         return load_hf_dir(spec, seq_len=seq_len, batch_size=batch_size)
     if FACTORY_SPEC.fullmatch(spec):
         return load_factory(spec)
+    if Path(spec).is_file():
+        raise ValueError(f"model spec {spec!r} is a file; MODEL is a directory (a Hugging Face model or a conversion)")
+    if _looks_like_path(spec):
+        raise FileNotFoundError(f"no such directory: {spec}")
     raise ValueError(f"unknown model spec {spec!r}; expected {_forms()}")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or spec.startswith(("~", ".")) or spec.endswith((".pt2", ".onnx", ".json"))
 
 
 def _parse_tiny(spec: str) -> tuple[str, str] | None:

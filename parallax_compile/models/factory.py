@@ -18,7 +18,8 @@ FACTORY_SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr
 def load_factory(spec: str) -> LoadedModel:
     """Import ``package.module`` and call ``factory()``. It returns an ``nn.Module`` with an
     ``example_inputs`` dict attribute, or a tuple ``(module, example_inputs)``. Optional module
-    attributes ``dynamic_dims`` and ``valid_positions`` fill the fields of the same name. The
+    attributes ``dynamic_dims`` and ``valid_positions`` fill the fields of the same name (without
+    ``dynamic_dims``, dims 0 and 1 of every tensor input are dynamic, as in the Python API). The
     module is put in eval mode; its dtype and device are left as the factory made them."""
     m = FACTORY_SPEC.fullmatch(spec)
     if m is None:
@@ -52,7 +53,9 @@ def load_factory(spec: str) -> LoadedModel:
         spec=spec,
         model=model.eval(),
         example_inputs=dict(inputs),
-        dynamic_dims=dict(getattr(model, "dynamic_dims", None) or {}),
+        # Absent: None, so the capture marks dims 0 and 1 of every tensor input dynamic, as
+        # parallax_compile.convert(model, inputs) does ({} would make every dim static).
+        dynamic_dims=getattr(model, "dynamic_dims", None),
         valid_positions=getattr(model, "valid_positions", None),
         description=f"{type(model).__name__} from {spec}",
     )

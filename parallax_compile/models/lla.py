@@ -2,16 +2,26 @@
 
 LLA (arXiv 2510.01450; SPEC section 2) replaces softmax attention's weighted mean by a weighted
 ridge regression of ``v`` on ``k - q_i`` with an unpenalised intercept, evaluated at the query.
-This model writes it the two ways people write it, so ``parallax-compile`` can find it:
+This model writes it the ways people write it, so ``parallax-compile`` can be tested on each
+(README, "Local Linear Attention", catalogue of LLA forms). The solve
+``rho_i = (C_kk,i + lambda I)^-1 (mu_k,i - q_i)`` (``LLAConfig.solver``):
 
-* ``solver="solve"``: per query ``rho_i = torch.linalg.solve(C_kk,i + lambda I, mu_k,i - q_i)``;
-* ``solver="cg"``: the same system by a conjugate-gradient loop with a fixed number of
-  iterations (as FlashLLA does), unrolled by ``torch.export``.
+* ``"solve"``: ``torch.linalg.solve`` (textbook normal equations); ``"solve_ex"``: ``linalg.solve_ex``;
+* ``"cholesky"``: ``torch.cholesky_solve(b, torch.linalg.cholesky(A))`` (numerically careful code);
+* ``"triangular"``: Cholesky then two ``torch.linalg.solve_triangular`` calls;
+* ``"inv"``: ``torch.linalg.inv(A) @ b``; ``"lu"``: ``torch.linalg.lu_factor`` + ``lu_solve``;
+* ``"cg"``: a conjugate-gradient loop with a fixed number of iterations (as FlashLLA does);
+  ``"jacobi"`` / ``"richardson"`` (step ``omega``): fixed-iteration stationary loops from ``x = 0``.
+  All three are unrolled by ``torch.export``;
+* ``"lstsq"``: ``torch.linalg.lstsq(A, b)`` (``torch.export`` cannot capture it: no meta kernel).
 
-Both then output the intercept ``o_i = mu_v,i - C_vk,i rho_i`` (SPEC section 2). Causal, GQA
-(``n_kv_head < n_head``, keys/values shared with ``repeat_interleave``), learned positions, tied
-embeddings, random weights from ``seed``. Per-query ``D x D`` matrices are materialised: keep
-``head_dim`` small (the point of Parallax is to avoid exactly this).
+The key statistics (``LLAConfig.moments``): ``"flatten"`` (``s @ (k k^T).flatten``), ``"einsum"``
+(``einsum("bhij,bhjd,bhje->bhide", s, k, k)``, and ``C_vk`` the same way), ``"outer"`` (outer
+products summed over keys) or ``"centred"`` (``(k_j - mu_k,i)`` and ``(v_j - mu_v,i)`` per query).
+All output the intercept ``o_i = mu_v,i - C_vk,i rho_i`` (SPEC section 2). Causal (``causal=False``:
+every key), GQA (``n_kv_head < n_head``, keys/values shared with ``repeat_interleave``), learned
+positions, tied embeddings, random weights from ``seed``. Per-query ``D x D`` matrices are
+materialised: keep ``head_dim`` small (the point of Parallax is to avoid exactly this).
 """
 
 from __future__ import annotations
@@ -23,10 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["LLA_SOLVERS", "LLAConfig", "LLAModel", "build_lla_model", "lla_core", "load_lla"]
+__all__ = ["LLA_MOMENTS", "LLA_SOLVERS", "LLAConfig", "LLAModel", "build_lla_model", "lla_core", "load_lla"]
 
 LLA_SOLVERS = {"lla": "solve", "lla-cg": "cg"}
 """Built-in model specs -> ``LLAConfig.solver``."""
+SOLVERS = ("solve", "solve_ex", "cholesky", "triangular", "inv", "lu", "cg", "jacobi", "richardson", "lstsq")
+LLA_MOMENTS = ("flatten", "einsum", "outer", "centred")
 
 
 @dataclass
@@ -41,37 +53,45 @@ class LLAConfig:
     ridge: float = 0.5
     """``lambda`` of the ridge (a plain number: the passes read it from the graph)."""
     solver: str = "solve"
-    """``"solve"`` (``torch.linalg.solve``) or ``"cg"`` (fixed-iteration conjugate gradient)."""
+    """How the ridge system is solved: one of ``SOLVERS`` (module docstring)."""
     cg_iters: int = 8
+    """Iterations of the ``cg`` / ``jacobi`` / ``richardson`` loops."""
+    omega: float = 0.3
+    """Step of the ``richardson`` loop ``x <- x + omega (b - A x)``."""
+    moments: str = "flatten"
+    """How the weighted key (and value-key) statistics are written: one of ``LLA_MOMENTS``."""
+    causal: bool = True
 
 
-def lla_core(q: Tensor, k: Tensor, v: Tensor, *, ridge: float, solver: str = "solve", cg_iters: int = 8,
-             keep: Tensor | None = None) -> Tensor:
-    """LLA as a model writes it: ``q [B, H, L, D]``, ``k``/``v`` already repeated to ``H`` heads,
-    ``keep`` a bool ``[L, L]`` mask (True = allowed). Scale ``D ** -0.5``. Returns ``[B, H, L, Dv]``.
-
-    The float64 oracle is :func:`parallax_compile.reference.lla_attention_ref`; this function is the
-    *pattern* (solve or CG) that the passes recognise, kept in plain tensor ops.
-    """
-    d = q.shape[-1]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
-    if keep is not None:
-        att = att.masked_fill(~keep, float("-inf"))
-    s = F.softmax(att, dim=-1)
-    mu_k, mu_v = s @ k, s @ v
-    kk = (k.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)  # [B, H, L, D*D]
-    c_kk = (s @ kk).unflatten(-1, (d, d)) - mu_k.unsqueeze(-1) * mu_k.unsqueeze(-2)  # [B, H, L, D, D]
-    b = mu_k - q
+def _solve(a: Tensor, b: Tensor, solver: str) -> Tensor:
+    """``a [..., D, D]^-1 b [..., D, 1]`` written the ``solver`` way (direct solvers only)."""
     if solver == "solve":
-        eye = torch.eye(d, dtype=q.dtype, device=q.device)
-        rho = torch.linalg.solve(c_kk + ridge * eye, b.unsqueeze(-1)).squeeze(-1)
-    elif solver == "cg":
-        # (C_kk + lambda I) x = b by CG from x = 0; the matrix-vector product is written FlashLLA's
-        # way, ``C p + lambda p``, without forming C + lambda I.
-        x = torch.zeros_like(b)
+        return torch.linalg.solve(a, b)
+    if solver == "solve_ex":
+        return torch.linalg.solve_ex(a, b).result
+    if solver == "cholesky":
+        return torch.cholesky_solve(b, torch.linalg.cholesky(a))
+    if solver == "triangular":
+        low = torch.linalg.cholesky(a)
+        y = torch.linalg.solve_triangular(low, b, upper=False)
+        return torch.linalg.solve_triangular(low.mT, y, upper=True)
+    if solver == "inv":
+        return torch.linalg.inv(a) @ b
+    if solver == "lu":
+        lu, pivots = torch.linalg.lu_factor(a)
+        return torch.linalg.lu_solve(lu, pivots, b)
+    if solver == "lstsq":
+        return torch.linalg.lstsq(a, b).solution
+    raise ValueError(f"lla_core: solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def _iterate(c_kk: Tensor, b: Tensor, *, ridge: float, solver: str, iters: int, omega: float) -> Tensor:
+    """``iters`` steps of CG (FlashLLA's matvec ``C p + lambda p``), Jacobi or Richardson from 0."""
+    x = torch.zeros_like(b)
+    if solver == "cg":
         res, p = b, b
         rs = (res * res).sum(-1, keepdim=True)
-        for _ in range(cg_iters):
+        for _ in range(iters):
             ap = (c_kk @ p.unsqueeze(-1)).squeeze(-1) + ridge * p
             alpha = rs / (p * ap).sum(-1, keepdim=True).clamp_min(1e-30)
             x = x + alpha * p
@@ -79,9 +99,60 @@ def lla_core(q: Tensor, k: Tensor, v: Tensor, *, ridge: float, solver: str = "so
             rs_new = (res * res).sum(-1, keepdim=True)
             p = res + (rs_new / rs.clamp_min(1e-30)) * p
             rs = rs_new
-        rho = x
+        return x
+    a = c_kk + ridge * torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+    diag = a.diagonal(dim1=-2, dim2=-1) if solver == "jacobi" else None
+    for _ in range(iters):
+        res = b - (a @ x.unsqueeze(-1)).squeeze(-1)
+        x = x + (res / diag if diag is not None else omega * res)
+    return x
+
+
+def lla_core(q: Tensor, k: Tensor, v: Tensor, *, ridge: float, solver: str = "solve", cg_iters: int = 8,
+             keep: Tensor | None = None, moments: str = "flatten", omega: float = 0.3) -> Tensor:
+    """LLA as a model writes it: ``q [B, H, L, D]``, ``k``/``v`` already repeated to ``H`` heads,
+    ``keep`` a bool ``[L, L]`` mask (True = allowed; None = every key). Scale ``D ** -0.5``.
+    ``solver`` / ``moments`` / ``cg_iters`` / ``omega``: see :class:`LLAConfig`. Returns ``[B, H, L, Dv]``.
+    Raises ``ValueError`` for an unknown ``solver`` or ``moments``.
+
+    The float64 oracle is :func:`parallax_compile.reference.lla_attention_ref`; this function is the
+    *pattern* that the passes recognise, kept in plain tensor ops.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"lla_core: solver must be one of {SOLVERS}, got {solver!r}")
+    if moments not in LLA_MOMENTS:
+        raise ValueError(f"lla_core: moments must be one of {LLA_MOMENTS}, got {moments!r}")
+    d = q.shape[-1]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+    if keep is not None:
+        att = att.masked_fill(~keep, float("-inf"))
+    s = F.softmax(att, dim=-1)
+    mu_k, mu_v = s @ k, s @ v
+    outer_mu = mu_k.unsqueeze(-1) * mu_k.unsqueeze(-2)
+    if moments == "flatten":
+        kk = (k.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)  # [B, H, L, D*D]
+        c_kk = (s @ kk).unflatten(-1, (d, d)) - outer_mu  # [B, H, L, D, D]
+    elif moments == "einsum":
+        c_kk = torch.einsum("bhij,bhjd,bhje->bhide", s, k, k) - outer_mu
+    elif moments == "outer":
+        kk = k.unsqueeze(-1) * k.unsqueeze(-2)  # [B, H, L, D, D]
+        c_kk = (s[..., None, None] * kk.unsqueeze(2)).sum(3) - outer_mu
+    else:  # centred: sum_j s_ij (k_j - mu_k,i)(k_j - mu_k,i)^T
+        kc = k.unsqueeze(2) - mu_k.unsqueeze(3)  # [B, H, Lq, Lk, D]
+        c_kk = torch.einsum("bhij,bhijd,bhije->bhide", s, kc, kc)
+    b = mu_k - q
+    if solver in ("cg", "jacobi", "richardson"):
+        rho = _iterate(c_kk, b, ridge=ridge, solver=solver, iters=cg_iters, omega=omega)
     else:
-        raise ValueError(f"lla_core: solver must be 'solve' or 'cg', got {solver!r}")
+        eye = torch.eye(d, dtype=q.dtype, device=q.device)
+        rho = _solve(c_kk + ridge * eye, b.unsqueeze(-1), solver).squeeze(-1)
+    if moments == "einsum":
+        c_vk = torch.einsum("bhij,bhjd,bhje->bhide", s, v, k) - mu_v.unsqueeze(-1) * mu_k.unsqueeze(-2)
+        return mu_v - (c_vk @ rho.unsqueeze(-1)).squeeze(-1)
+    if moments == "centred":
+        vc = v.unsqueeze(2) - mu_v.unsqueeze(3)
+        c_vk = torch.einsum("bhij,bhijd,bhije->bhide", s, vc, kc)
+        return mu_v - (c_vk @ rho.unsqueeze(-1)).squeeze(-1)
     # Intercept of the local linear fit: mu_v - C_vk rho, C_vk rho = sum_j s_ij (v_j - mu_v)((k_j - mu_k) . rho)
     g = rho @ k.transpose(-2, -1) - (mu_k * rho).sum(-1, keepdim=True)
     w = s * g
@@ -109,7 +180,8 @@ class LLAAttention(nn.Module):
         v = self.v_proj(x).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
         rep = c.n_head // c.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = lla_core(q, k, v, ridge=c.ridge, solver=c.solver, cg_iters=c.cg_iters, keep=self.tril[:t, :t])
+        y = lla_core(q, k, v, ridge=c.ridge, solver=c.solver, cg_iters=c.cg_iters, omega=c.omega,
+                     moments=c.moments, keep=self.tril[:t, :t] if c.causal else None)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c.n_head * c.head_dim))
 
 

@@ -20,7 +20,8 @@ class LoadedModel:
     * ``example_inputs``: keyword inputs, ``model(**example_inputs)``; tensors plus flags such as
       ``use_cache=False``.
     * ``dynamic_dims``: per tensor input, ``{dim: name}`` of the dims that may vary (``"batch"``,
-      ``"seq"``; ``"dec_seq"`` for a decoder's own length). Inputs that are absent are static.
+      ``"seq"``; ``"dec_seq"`` for a decoder's own length). Inputs that are absent are static;
+      ``None`` (factories without ``dynamic_dims``): dims 0 and 1 of every tensor input.
     * ``valid_positions``: bool ``[B, L]`` of the non-padding positions of the model's main output
       (``logits`` / ``last_hidden_state``; for encoder-decoders the decoder's positions), or
       ``None`` when nothing is padded. Compare outputs only there: eager attention over a fully
@@ -30,7 +31,7 @@ class LoadedModel:
     spec: str
     model: torch.nn.Module
     example_inputs: dict[str, Any]
-    dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
+    dynamic_dims: dict[str, dict[int, str]] | None = field(default_factory=dict)
     valid_positions: Tensor | None = None
     description: str = ""
 

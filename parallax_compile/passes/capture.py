@@ -29,6 +29,8 @@ class Capture:
     dynamic: bool
     note: str = ""
     dynamic_shapes: Any = field(default=None, repr=False)
+    leaves: list = field(default_factory=list, repr=False)
+    """``(input name, requested dynamic dims)`` per flat input, in placeholder order."""
 
     def run(self, gm: fx.GraphModule | None = None):
         return (gm or self.gm)(*self.args, **self.kwargs)
@@ -52,29 +54,79 @@ def _split_inputs(example_inputs) -> tuple[tuple, dict]:
     )
 
 
-def _dynamic_shapes(model, args, kwargs, dynamic_dims):
-    """``Dim.AUTO`` for the named dims (default: dims 0 and 1 of every tensor input of rank >= 2),
-    keyed by the names of ``model.forward``'s parameters."""
+def _requested_dims(model, args, kwargs, dynamic_dims) -> tuple[dict, list]:
+    """The dims asked to be dynamic: ``(dynamic_shapes for torch.export, [(label, dims)] per flat
+    input leaf in the order of ``pytree.tree_leaves((args, kwargs))``)``. ``dynamic_dims`` keys are
+    input names or positions (either works for a positional input); default: dims 0 and 1 of every
+    tensor input of rank >= 2. Raises ``ValueError`` for a key that names no input."""
+    if dynamic_dims is not None and not isinstance(dynamic_dims, dict):
+        raise TypeError(f"dynamic_dims must be a dict {{input name or position: dims}}, got {type(dynamic_dims).__name__}")
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(*args, **kwargs)
+    names = list(bound.arguments)
+    known = set(names) | set(range(len(args))) | set(kwargs)
+    unknown = [key for key in (dynamic_dims or {}) if key not in known]
+    if unknown:
+        raise ValueError(f"dynamic_dims: {unknown[0]!r} is not an input of {type(model).__name__}.forward "
+                         f"(inputs: {', '.join(names)}; positions 0..{len(args) - 1})")
 
-    def spec(name, value):
+    def dims_for(keys, value):
         if not isinstance(value, torch.Tensor):
-            return None
-        dims = dynamic_dims.get(name) if dynamic_dims is not None else None
-        if dims is None:
-            dims = range(min(2, value.dim())) if dynamic_dims is None and value.dim() >= 2 else ()
-        return {int(d): torch.export.Dim.AUTO for d in dims} or None
+            return ()
+        if dynamic_dims is None:
+            return tuple(range(min(2, value.dim()))) if value.dim() >= 2 else ()
+        for key in keys:
+            if key in dynamic_dims:
+                return tuple(int(d) % max(1, value.dim()) for d in dynamic_dims[key])
+        return ()
 
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    shapes = {}
-    for i, (name, value) in enumerate(bound.arguments.items()):
-        kind = inspect.signature(model.forward).parameters[name].kind
+    shapes, leaves = {}, []
+    for i, name in enumerate(names):
+        value, kind = bound.arguments[name], sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: spec(k, v) for k, v in value.items()}
+            dims = {k: dims_for((k,), v) for k, v in value.items()}
+            shapes[name] = {k: ({d: torch.export.Dim.AUTO for d in ds} or None) for k, ds in dims.items()}
         elif kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(spec(j, v) for j, v in enumerate(value))
+            dims = {j: dims_for((i + j,), v) for j, v in enumerate(value)}
+            shapes[name] = tuple({d: torch.export.Dim.AUTO for d in ds} or None for ds in dims.values())
         else:
-            shapes[name] = spec(name if name in kwargs else i, value)
-    return shapes
+            ds = dims_for((name, i) if i < len(args) else (name,), value)
+            shapes[name] = {d: torch.export.Dim.AUTO for d in ds} or None
+    # Per flat leaf, in the order export numbers the user inputs.
+    for i, value in enumerate(args):
+        name = names[i] if i < len(names) else str(i)
+        leaves += [(name, dims_for((name, i), v)) for v in pytree.tree_leaves(value)]
+    for key, value in kwargs.items():
+        leaves += [(key, dims_for((key,), v)) for v in pytree.tree_leaves(value)]
+    return shapes, leaves
+
+
+def _is_static(size) -> bool:
+    """Whether an exported dim is a constant: an int, or a symbol export pinned to one value (a
+    dim that tracing equated with a static one keeps a ``SymInt`` whose range is one point)."""
+    if isinstance(size, int):
+        return True
+    node = size.node
+    expr = node.shape_env.replace(node.expr)
+    if expr.is_number:
+        return True
+    vr = node.shape_env.var_to_range.get(expr)
+    return vr is not None and vr.lower == vr.upper
+
+
+def specialised_dims(gm: fx.GraphModule, cap_or_leaves) -> list[str]:
+    """Requested-dynamic dims of the user inputs that ``gm`` (an unlifted exported graph) keeps
+    static, as ``"input_ids dim 1 = 16"``; placeholders are matched to inputs by position."""
+    leaves = cap_or_leaves.leaves if isinstance(cap_or_leaves, Capture) else cap_or_leaves
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = []
+    for node, (label, dims) in zip(holders, leaves):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        out += [f"{label} dim {d} = {int(val.shape[d])}" for d in dims
+                if d < val.dim() and _is_static(val.shape[d]) and int(val.shape[d]) > 1]
+    return out
 
 
 def _fresh(args, kwargs):
@@ -100,6 +152,7 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     gm = ep.module(check_guards=False)
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
+    gm.register_forward_pre_hook(_positional_as_spec, with_kwargs=True, prepend=True)
     return gm
 
 
@@ -139,6 +192,32 @@ def _export_error(exc: Exception) -> str:
         return (f"the model returns a `{kind}`, which is not a tensor, tuple, list or dict; return tensors "
                 "(a Hugging Face model: pass use_cache=False)")
     return first
+def _positional_as_spec(module, args, kwargs):
+    """Let ``conv(x=x)`` call a module exported as ``conv(x)`` (and the reverse): rebind the call to
+    the signature ``forward`` shows, then split it as the example inputs were (export's input spec)."""
+    spec = getattr(module, "_in_spec", None)
+    if spec is None or spec.num_children != 2:
+        return None
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    n_args, keys = children[0].num_children, list(children[1].context or [])
+    if len(args) == n_args and sorted(kwargs) == sorted(keys):
+        return None
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None  # export's own check names the mismatch
+    names = list(inspect.signature(module.forward).parameters)
+    values = dict(bound.arguments)
+    new_args = tuple(values.pop(n) for n in names[:n_args] if n in values)
+    return new_args, {k: values[k] for k in keys if k in values}
+
+
+def _set_training(model: torch.nn.Module, mode: bool) -> None:
+    """``model.train(mode)``; an ``ExportedProgram.module()`` refuses it, and its graph is fixed anyway."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        pass
 
 
 def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynamic: bool = True) -> Capture:
@@ -151,6 +230,8 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
     (:func:`cache_disabled`; the report's note says so).
     Raises ``RuntimeError`` naming the export error when the model cannot be exported at all.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _split_inputs(example_inputs)
     with cache_disabled(model, kwargs) as cache_note:
         cap = _capture(model, args, kwargs, dynamic_dims, dynamic)
@@ -160,12 +241,13 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
 
 
 def _capture(model, args, kwargs, dynamic_dims, dynamic) -> Capture:
+    requested, leaves = _requested_dims(model, args, kwargs, dynamic_dims)
     was_training = model.training
-    model.eval()
+    _set_training(model, False)
     note, ep, shapes = "", None, None
     try:
         if dynamic:
-            shapes = _dynamic_shapes(model, args, kwargs, dynamic_dims)
+            shapes = requested
             try:
                 ep = torch.export.export(model, *_fresh(args, kwargs), dynamic_shapes=shapes, strict=False)
             except Exception as exc:  # noqa: BLE001 - any export failure falls back to static shapes
@@ -174,45 +256,63 @@ def _capture(model, args, kwargs, dynamic_dims, dynamic) -> Capture:
         if ep is None:
             # Static shapes; non-strict first, then Dynamo (strict), which evaluates Python-level
             # shape logic such as ``is_causal=L > 1`` that non-strict tracing leaves symbolic.
-            errors = []
+            errors, untraceable = [], None
             for strict in (False, True):
                 torch._dynamo.reset()  # a failed trace can leave Dynamo state behind
                 try:
                     ep = torch.export.export(model, *_fresh(args, kwargs), strict=strict)
                     break
                 except Exception as exc:  # noqa: BLE001
+                    untraceable = untraceable or _untraceable_op(exc)
                     errors.append(f"{'strict' if strict else 'non-strict'}: {_export_error(exc)}")
+            if ep is None and untraceable:
+                raise RuntimeError(untraceable)
             if ep is None:
                 raise RuntimeError("torch.export could not capture the model (" + "; ".join(errors) + ")")
     finally:
-        model.train(was_training)
-    if shapes is not None:
-        fixed = _specialised_dims(ep, dynamic_dims)
-        if fixed:  # Dim.AUTO keeps a dim static when tracing equates it with a constant (e.g. L == head_dim)
-            note = "static shapes (export specialised " + ", ".join(fixed) + "; try other example sizes)"
-            shapes = None
+        _set_training(model, was_training)
     gm = unlift(ep)
     _strip_asserts(gm)
-    return Capture(gm=gm, args=args, kwargs=kwargs, dynamic=shapes is not None, note=note, dynamic_shapes=shapes)
+    cap = Capture(gm=gm, args=args, kwargs=kwargs, dynamic=shapes is not None, note=note, dynamic_shapes=shapes,
+                  leaves=leaves)
+    if shapes is not None:
+        mark_specialised(cap, "export")
+    return cap
 
 
-def _specialised_dims(ep, dynamic_dims) -> list[str]:
-    """Requested-dynamic dims of the user inputs that the exported program kept static, as
-    ``"input_ids dim 1 = 16"``; inputs are matched to placeholders by name (positional inputs whose
-    names export changed are not checked)."""
-    users = set(ep.graph_signature.user_inputs)
-    out = []
-    for node in ep.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" and node.name in users else None
-        if not isinstance(val, torch.Tensor):
-            continue
-        if dynamic_dims is not None:
-            dims = dynamic_dims.get(node.name) or ()
-        else:
-            dims = range(min(2, val.dim())) if val.dim() >= 2 else ()
-        out += [f"{node.name} dim {d} = {val.shape[d]}" for d in dims
-                if d < val.dim() and isinstance(val.shape[d], int) and val.shape[d] > 1]
-    return out
+WORKAROUNDS = {
+    "aten.linalg_lstsq.default": "for a square (ridge) system write torch.linalg.solve(A, b) or "
+                                 "torch.cholesky_solve(b, torch.linalg.cholesky(A)), which give the "
+                                 "same solution",
+}
+
+
+def _untraceable_op(exc: BaseException) -> str | None:
+    """One line naming the op that fake tensors cannot run (no meta kernel, or an output shape
+    that depends on data) and the workaround, when that is why export failed; else None."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, UnsupportedOperatorException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (DynamicOutputShapeException, UnsupportedOperatorException)):
+            op = str(exc.func) if getattr(exc, "func", None) is not None else str(exc).strip().splitlines()[0]
+            fix = WORKAROUNDS.get(op, "replace the call by ops that have meta kernels, or register one "
+                                      "with torch.library.register_fake")
+            return (f"torch.export could not capture the model: `{op}` has no meta kernel for its output "
+                    f"shape, so export cannot trace it; workaround: {fix}")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def mark_specialised(cap: Capture, by: str) -> None:
+    """If a requested-dynamic dim of ``cap.gm``'s inputs is static (export tied it to a constant, or
+    a later pass guarded on it), say so in ``cap.note`` and clear ``cap.dynamic``: the module then
+    accepts only the example's size of that dim."""
+    fixed = specialised_dims(cap.gm, cap)
+    if fixed:
+        cap.note = f"static shapes ({by} specialised " + ", ".join(fixed) + "; try other example sizes)"
+        cap.dynamic, cap.dynamic_shapes = False, None
 
 
 class _Recorder(fx.Interpreter):

@@ -45,7 +45,6 @@ WHERES = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.w
 DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 SDPA = aten.scaled_dot_product_attention.default
-MASK_VALUE = -1e4  # a fill at or below this is a mask (finfo.min, -inf, -1e9, -10000)
 
 
 class NoMatch(Exception):
@@ -180,8 +179,7 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
                 raise Skip("a constant is added to the scores")
             n = spine
         elif t in FILLS:
-            value = const_value(gm, n.args[2])
-            ops.append(("fill", _fill_term(n.args[1], value, negate=False)))
+            ops.append(("fill", _fill_term(n.args[1], const_value(gm, n.args[2]), negate=False)))
             n = n.args[0]
         elif t in WHERES:
             cond, a, b = n.args[:3]
@@ -196,7 +194,9 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
         else:
             raise Skip(f"unsupported op `{_name(t)}` between QK^T and the softmax")
     # Replay in forward order: scale multiplies the product and every term added before it; a term
-    # added after a reshape is laid out like the reshaped scores (``MaskTerm.scores``).
+    # added after a reshape is laid out like the reshaped scores (``MaskTerm.scores``). A -inf fill
+    # stays -inf under a later positive scale and a later finite addition; a scale <= 0 after it
+    # does not (-inf * -1 = +inf), so that fill becomes a "set" term.
     scale, terms, scores = 1.0, [], None
     for kind, item in reversed(ops):
         if kind == "scale":
@@ -204,6 +204,8 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
             for term in terms:
                 if term.kind == "add":
                     term.coef *= item
+                elif term.kind in ("keep", "drop") and item <= 0:
+                    term.kind, term.coef, term.negate = "set", -math.inf * item, term.kind == "keep"
         elif kind == "reshape":
             scores = item if shape_of(item) != shape_of(n) else None
         else:
@@ -220,15 +222,21 @@ def _keeps_scores_layout(src, dst) -> bool:
 
 
 def _fill_term(cond, value, *, negate: bool) -> MaskTerm:
-    """``masked_fill(scores, cond, value)`` (or ``where``): -inf -> a boolean mask; a very negative
-    finite value (finfo.min) -> an additive ``value * cond`` term, which is exact where it matters."""
-    if value is None:
-        raise Skip("the mask fill value is not a constant")
+    """``masked_fill(scores, cond, value)`` (or ``where``) *sets* the logits where ``cond`` (or
+    ``~cond`` when ``negate``) holds. -inf -> a boolean mask (setting -inf and adding -inf agree);
+    any other value (finite such as ``-1e9`` / ``finfo.min``, or not a constant) -> a ``"set"``
+    term: the logit no longer depends on ``q . k`` there, which no additive mask reproduces for
+    every input (a row whose every key is filled gets uniform weights), so the rewrite passes the
+    original logits to the op instead (:func:`.rewrite.rewrite_site`)."""
     if value == -math.inf:
         return MaskTerm("keep" if negate else "drop", cond)
-    if value > MASK_VALUE:
-        raise Skip(f"scores are filled with {value}, which is not a mask value")
-    return MaskTerm("add", cond, value, negate=negate)
+    return MaskTerm("set", cond, math.nan if value is None else value, negate=negate)
+
+
+def needs_logits(terms: list[MaskTerm]) -> bool:
+    """Whether the mask terms set some logits to a value (a finite fill): then only the original
+    logits reproduce the softmax weights exactly."""
+    return any(t.kind == "set" for t in terms)
 
 
 # --- K/V heads: GQA unwrapping ----------------------------------------------------------------
@@ -263,7 +271,8 @@ def unrepeat(node) -> tuple[fx.Node, int, str]:
             if unsq == 1 and inner is not None and eshape is not None and len(inner) == 4 and len(eshape) == 5 \
                     and shp is not None and len(shp) == 4:
                 n_rep = eshape[2]
-                if isinstance(n_rep, int) and inner[1] * n_rep == shp[1]:
+                if isinstance(n_rep, int) and isinstance(inner[1], int) and isinstance(shp[1], int) \
+                        and inner[1] * n_rep == shp[1]:
                     return x, n_rep, "repeat_kv"
     return node, 1, "none"
 
@@ -320,6 +329,31 @@ def _einsum_parts(node):
     return ins.split(","), out, list(node.args[1])
 
 
+_WEIGHTS_PASS_THROUGH = CASTS | DROPOUTS | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.slice.Tensor,
+    aten.select.int, aten.detach.default, aten.mean.dim, aten.flatten.using_ints,
+}
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether ``node``'s value reaches a graph output as attention weights (through casts,
+    dropout, reshapes or the mean over heads of ``need_weights=True``)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u.op == "call_function" and u.target in _WEIGHTS_PASS_THROUGH:
+                todo.append(u)
+    return False
+
+
 def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
     dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
     shp = shape_of(sm)
@@ -335,8 +369,11 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
             pv = next((u for u in users if u.target in PRODUCTS and u.args and u.args[0] is n), None)
             if pv is None and not any(u.target in PRODUCTS for u in users):
                 raise NoMatch("softmax output does not feed a product")
-            raise Skip("the attention weights are also used elsewhere (e.g. returned as attentions / "
-                       "need_weights=True); rewriting would change that output")
+            if _reaches_output(n):
+                raise Skip("the attention weights are also used elsewhere (e.g. returned as attentions / "
+                           "need_weights=True); rewriting would change that output")
+            raise Skip(f"the attention weights feed {len(users) - 1} other computation(s) besides P @ V "
+                       "(e.g. weighted statistics of the keys, not recognised as LLA): not softmax attention")
         u = users[0]
         if u.target in CASTS:
             n = u
@@ -386,8 +423,10 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
     scale *= q_scale
     if len(shape_of(q) or ()) != len(shape_of(product) or ()):
         raise Skip("q and the scores have different ranks")
+    empty = "zero" if sm.target is aten._safe_softmax.default else "nan"  # softmax of an all -inf row
     return _site(sm, form, q=q, k=k, v=v, out=pv, scale=scale, causal=False, terms=terms,
-                 k_transposed=k_transposed, extra={"softmax": sm, "scores": product})
+                 k_transposed=k_transposed,
+                 extra={"softmax": sm, "scores": product, "logits": sm.args[0], "empty_rows": empty})
 
 
 def _match_sdpa(gm, node: fx.Node) -> AttentionSite:
@@ -416,12 +455,12 @@ def _match_sdpa(gm, node: fx.Node) -> AttentionSite:
     causal = False
     if is_causal:
         lq, lk = shape_of(q)[-2], shape_of(k)[-2]
-        if lq is lk or (isinstance(lq, int) and lq == lk) or str(lq) == str(lk):
+        if lq is lk or (isinstance(lq, int) and isinstance(lk, int) and lq == lk) or str(lq) == str(lk):
             causal = True
         else:
             terms.append(MaskTerm("keep", "causal_top_left"))
     site = _site(node, "sdpa", q=q, k=k, v=v, out=node, scale=scale, causal=causal, terms=terms,
-                 k_transposed=False, extra={})
+                 k_transposed=False, extra={"empty_rows": "zero"})  # SDPA: a row with no allowed key gives 0
     if kw.get("enable_gqa"):
         site.gqa = "enable_gqa"
     return site
@@ -431,6 +470,10 @@ def _site(anchor, form, *, q, k, v, out, scale, causal, terms, k_transposed, ext
     qs = shape_of(q)
     if qs is None or len(qs) not in (3, 4):
         raise Skip("q is not a 3D/4D tensor")
+    ranks = {name: len(shape_of(t) or ()) for name, t in (("k", k), ("v", v))}
+    if any(r != len(qs) for r in ranks.values()):
+        raise Skip(f"q has {len(qs)} dims but k has {ranks['k']} and v {ranks['v']} (broadcast over the "
+                   "batch, e.g. a learned memory [H, M, D]); the op needs q, k, v of one rank")
     site = AttentionSite(module_path=owner_path(anchor), form=form, scale=scale, causal=causal)
     gqa = "none"
     if not k_transposed:
@@ -460,13 +503,51 @@ def describe_mask(terms: list[MaskTerm], causal: bool) -> str:
         shp = shape_of(t.node)
         dims = "x".join(str(s) for s in shp) if shp else "?"
         dtype = val(t.node).dtype if isinstance(val(t.node), torch.Tensor) else None
-        if t.kind == "add" and dtype == torch.bool:
-            parts.append(f"fill {t.coef:.3g} [{dims}]")
+        if t.kind == "set":
+            parts.append(f"fill {t.coef:.3g} [{dims}] (sets the logit: original logits passed to the op)")
         elif t.kind == "add":
             parts.append(f"additive {str(dtype).replace('torch.', '')} [{dims}]")
         else:
             parts.append(f"bool {t.kind} [{dims}]")
     return ", ".join(parts) or "none"
+
+
+def _unmatched_attention(gm, sm: fx.Node, why: NoMatch) -> str | None:
+    """The reason to report for a softmax over a ``q k^T`` product (two activations, not a weight)
+    that no form matched (weights times a hand-written dropout mask, SDPA decomposed by
+    ``run_decompositions``); None for a softmax that is not attention."""
+    try:
+        _walk_logits(gm, sm.args[0])
+    except Skip as skip:
+        if _qk_product_above(sm.args[0]):
+            return f"softmax over q k^T not rewritten: {skip}"
+        return None
+    except NoMatch:
+        pass
+    if not _qk_product_above(sm.args[0]):
+        return None
+    return (f"softmax over q k^T not rewritten: its form is not in the catalogue ({why}; e.g. weights "
+            "multiplied by a hand-written dropout mask, or SDPA decomposed by run_decompositions)")
+
+
+_PASS_THROUGH = CASTS | MULS | DIVS | ADDS | SUBS | FILLS | WHERES | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+    aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
+}
+
+
+def _qk_product_above(node, depth: int = 10) -> bool:
+    """A product of two activations (neither a weight) above ``node`` through reshapes, casts and
+    elementwise mask / scale ops only."""
+    if depth == 0 or not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in PRODUCTS:
+        operands = node.args[1] if node.target is aten.einsum.default else \
+            node.args[1:3] if node.target is aten.baddbmm.default else node.args[:2]
+        return all(isinstance(a, fx.Node) and a.op != "get_attr" for a in operands)
+    if node.target in _PASS_THROUGH:
+        return any(_qk_product_above(a, depth - 1) for a in node.all_input_nodes)
+    return False
 
 
 def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
@@ -486,8 +567,13 @@ def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
                 sites.append(_match_sdpa(gm, node))
             elif node.target in SOFTMAX:
                 sites.append(_match_softmax(gm, node))
-        except NoMatch:
-            continue
+        except NoMatch as why:
+            reason = _unmatched_attention(gm, node, why) if node.target in SOFTMAX else None
+            if reason is None:
+                continue
+            site = AttentionSite(module_path=owner_path(node), form="softmax")
+            site.nodes = {"out": node}
+            sites.append(site.skip(reason))
         except Skip as why:
             form = "sdpa" if node.target is SDPA else "softmax"
             shp = shape_of(node)

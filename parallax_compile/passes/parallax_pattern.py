@@ -49,6 +49,7 @@ from .match import (
     _untranspose,
     _walk_logits,
     describe_mask,
+    needs_logits,
     shape_of,
     unrepeat,
     val,
@@ -323,10 +324,13 @@ def _detect_causal(gm, site: ParallaxSite, inputs=None) -> None:
     for term in list(site.terms):
         if not isinstance(term.node, fx.Node):
             continue
-        is_bool = isinstance(val(term.node), torch.Tensor) and val(term.node).dtype == torch.bool
-        if term.kind == "keep" or (term.kind == "add" and is_bool and term.negate):
+        # A finite fill <= -1e9 on a proven causal pattern: every row keeps its diagonal, so the
+        # filled keys' weight exp(fill - max kept logit) is 0 unless the kept logits lie within
+        # ~100 of the fill (not reached by finite q . k of this magnitude): treated as causal.
+        deep_fill = term.kind == "set" and term.coef <= -1e9
+        if term.kind == "keep" or (deep_fill and term.negate):
             want = "lower"
-        elif term.kind == "drop" or (term.kind == "add" and is_bool and not term.negate):
+        elif term.kind == "drop" or (deep_fill and not term.negate):
             want = "strict_upper"
         else:
             continue
@@ -459,13 +463,20 @@ def rewrite_parallax(gm: fx.GraphModule, site: ParallaxSite, tolerance: float) -
     holder = AttentionSite(module_path=site.module_path, form=site.form)
     holder.nodes, holder.mask_terms = {"rank": 4}, site.terms
     dtype = val(q).dtype
+    scale, causal = site.scale, site.causal
     with graph.inserting_before(out):
-        mask = build_mask(graph, holder, q, k)
+        if needs_logits(site.terms):
+            # A finite fill sets logits (a fully filled row gets uniform weights): the op gets the
+            # original logits as its mask and q = 0, exact for every input (as in rewrite_site).
+            mask, scale, causal = n["softmax"].args[0], 1.0, False
+            q = graph.call_function(aten.zeros_like.default, (q,))
+        else:
+            mask = build_mask(graph, holder, q, k)
         args = [q, r, k, v]
         for i, t in enumerate(args):
             if val(t) is not None and val(t).dtype != dtype:
                 args[i] = graph.call_function(aten.to.dtype, (t, dtype))
-        op = graph.call_function(torch.ops.parallax.attention.default, (*args, mask, site.scale, site.causal, None))
+        op = graph.call_function(torch.ops.parallax.attention.default, (*args, mask, scale, causal, None))
         new_out = graph.call_function(operator.getitem, (op, 0))
         if val(out) is not None and val(out).dtype != dtype:
             new_out = graph.call_function(aten.to.dtype, (new_out, val(out).dtype))

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from ..probes import gain_name, init_probe_weight, new_gain
-from .match import shape_of, val
+from .match import needs_logits, shape_of, val
 from .query_chain import QueryChain, place_probe, replay
 from .site import AttentionSite
 
@@ -91,7 +91,9 @@ def _to_product_layout(graph, node, scores, product):
 
 def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> fx.Node | None:
     """Emit the mask the op receives: boolean when every term is boolean, additive otherwise
-    (``where(keep, sum of additive terms, -inf)`` when both kinds are present)."""
+    (``where(keep, sum of additive terms, -inf)`` when both kinds are present). Exact for -inf
+    fills and additions in any order (``-inf + finite = -inf``); a ``"set"`` term (finite fill) has
+    no such mask: :func:`rewrite_site` passes the original logits instead."""
     keeps, adds = [], []
     rank = site.nodes["rank"]
     for t in site.mask_terms:
@@ -111,13 +113,13 @@ def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> 
             keeps.append(node)
         elif t.kind == "drop":
             keeps.append(_call(graph, aten.logical_not.default, node))
-        else:
+        elif t.kind == "add":
             is_bool = val(t.node) is not None and val(t.node).dtype == torch.bool
-            if is_bool and t.negate:
-                node = _call(graph, aten.logical_not.default, node)
             if is_bool or t.coef != 1.0:
                 node = _call(graph, aten.mul.Tensor, node, t.coef)
             adds.append(node)
+        else:
+            raise ValueError(f"build_mask: a {t.kind!r} mask term has no mask form (use the original logits)")
     keep = reduce(lambda a, b: _call(graph, aten.logical_and.default, a, b), keeps) if keeps else None
     add = reduce(lambda a, b: _call(graph, aten.add.Tensor, a, b), adds) if adds else None
     if keep is not None and add is not None:
@@ -183,11 +185,29 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
             k = _call(graph, aten.to.dtype, k, dtype)
         if val(v_in) is not None and val(v_in).dtype != dtype:
             v = _call(graph, aten.to.dtype, v, dtype)
-        mask = build_mask(graph, site, q, k_in)
+        scale, causal = site.scale, site.causal
+        if needs_logits(site.mask_terms):
+            # A finite fill *sets* logits: the op gets the original logits as its additive mask and
+            # q = 0, so its weights are softmax(original logits) exactly, and g = r . k as always.
+            mask, scale, causal = site.nodes["logits"], 1.0, False
+            product = site.nodes.get("scores")
+            if product is not None and shape_of(mask) != shape_of(product):  # logits of reshaped scores (Bloom)
+                mask = _to_product_layout(graph, mask, mask, product)
+            q = _call(graph, aten.zeros_like.default, q)
+            if site.nodes["rank"] == 3:
+                mask = _call(graph, aten.unsqueeze.default, mask, 0)
+        else:
+            mask = build_mask(graph, site, q, k_in)
         if site.nodes["rank"] == 3:
             q, r, k, v = (_call(graph, aten.unsqueeze.default, t, 0) for t in (q, r, k, v))
-        op = _call(graph, torch.ops.parallax.attention.default, q, r, k, v, mask, site.scale, site.causal, None)
+        op = _call(graph, torch.ops.parallax.attention.default, q, r, k, v, mask, scale, causal, None)
         o = _call(graph, operator.getitem, op, 0)
+        if mask is not None and site.nodes.get("empty_rows") == "nan":
+            # softmax over a row of -inf logits is NaN where the op gives 0: reproduce it.
+            is_bool = not needs_logits(site.mask_terms) and all(t.kind != "add" for t in site.mask_terms)
+            live = mask if is_bool else _call(graph, aten.gt.Scalar, mask, -math.inf)
+            live = _call(graph, aten.any.dim, live, -1, True)
+            o = _call(graph, aten.where.ScalarOther, live, o, math.nan)
         if site.nodes["rank"] == 3:
             o = _call(graph, aten.squeeze.dim, o, 0)
         out_dtype = val(out).dtype if val(out) is not None else dtype

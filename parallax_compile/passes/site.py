@@ -12,12 +12,13 @@ from torch import fx
 class MaskTerm:
     """One contribution to the logits between ``QK^T`` and the softmax.
 
-    ``kind``: ``"add"`` (``coef * node`` added to the logits; a boolean ``node`` is a finite fill
-    such as ``finfo.min``, negated first when ``negate``), ``"keep"`` (boolean, True = keep) or
-    ``"drop"`` (boolean, True = masked out). ``node == "causal_top_left"`` stands for SDPA's
-    top-left causal mask when ``Lq != Lk``. ``scores``: when the term is added after a reshape of
-    the scores (Bloom: ``[B * H, Lq, Lk]`` viewed as ``[B, H, Lq, Lk]``), that reshape's node: the
-    term is broadcast to its shape and reshaped like ``QK^T`` (``site.nodes["scores"]``).
+    ``kind``: ``"add"`` (``coef * node`` added to the logits), ``"keep"`` (boolean, True = keep),
+    ``"drop"`` (boolean, True = masked out) or ``"set"`` (a fill: the logits are *set* to ``coef``
+    where the boolean ``node`` holds, where it does not when ``negate``; ``coef`` is NaN when the
+    value is not a constant). ``node == "causal_top_left"`` stands for SDPA's top-left causal mask
+    when ``Lq != Lk``. ``scores``: when the term is added after a reshape of the scores (Bloom:
+    ``[B * H, Lq, Lk]`` viewed as ``[B, H, Lq, Lk]``), that reshape's node: the term is broadcast
+    to its shape and reshaped like ``QK^T`` (``site.nodes["scores"]``).
     """
 
     kind: str
@@ -60,9 +61,10 @@ class AttentionSite:
     max_error: float | None = None
     """Max abs error of the site's output at ``W_R = 0``, relative to the output's max abs value."""
     ridge: float | None = None
-    """LLA sites only (form ``lla-solve`` / ``lla-cg``): the ridge ``lambda`` read from the graph."""
+    """LLA sites only (forms ``lla-*``, catalogued in :mod:`.lla`): the ridge ``lambda`` read from
+    the graph."""
     cg_iterations: int | None = None
-    """``lla-cg`` sites: the conjugate-gradient iterations unrolled in the graph."""
+    """``lla-cg`` / ``lla-jacobi`` / ``lla-richardson`` sites: the loop's iterations unrolled in the graph."""
     fit: dict[str, Any] | None = None
     """LLA sites only: the conversion is approximate; the calibrated probe's fit report
     (:func:`parallax_compile.calibrate.fit_lla_probe`: ``probe_init``, relative errors of ``rho``

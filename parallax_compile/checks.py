@@ -1,0 +1,66 @@
+"""Numeric checks shared by the conversions (:mod:`~parallax_compile.convert`, :mod:`~parallax_compile.hf`)
+and the conversion directory (:mod:`~parallax_compile.conversion_dir`): output tolerances, the
+relative error, which parameters are probes, and per-tensor weight digests. Imports only torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from .probes import is_probe
+
+__all__ = ["TOLERANCE", "is_probe", "relative_error", "tensor_digests", "weights_digest"]
+
+# Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:
+    """``max |new - ref| / max |ref|`` over the positions where ``ref`` is finite (and ``valid``,
+    a bool ``[B, L]`` matched against the first two dims); ``inf`` when ``new`` is not finite
+    where ``ref`` is. Works block by block: a language model's logits can be gigabytes."""
+    new, ref = new.detach(), ref.detach()
+    if ref.dim() < 2:
+        new, ref = new.reshape(1, 1, -1), ref.reshape(1, 1, -1)
+    use_valid = valid is not None and tuple(ref.shape[:2]) == tuple(valid.shape)
+    diff, scale = 0.0, 0.0
+    for b in range(ref.shape[0]):
+        for i0 in range(0, ref.shape[1], 64):
+            a, r = new[b, i0:i0 + 64], ref[b, i0:i0 + 64]
+            if use_valid:
+                rows = valid[b, i0:i0 + 64]
+                a, r = a[rows], r[rows]
+            keep = torch.isfinite(r)
+            if bool((keep & ~torch.isfinite(a)).any()):
+                return math.inf
+            d = torch.where(keep, (a - r).abs(), 0)
+            diff = max(diff, d.max().item() if d.numel() else 0.0)
+            ra = torch.where(keep, r.abs(), 0)
+            scale = max(scale, ra.max().item() if ra.numel() else 0.0)
+    return diff / scale if scale > 0 else diff
+
+
+def _digest(t: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def tensor_digests(module: torch.nn.Module) -> dict[str, str]:
+    """``{name: sha256 (first 32 hex digits) of dtype, shape and bytes}`` for every tensor of
+    ``module.state_dict()`` (parameters and persistent buffers, probes included). A conversion
+    directory records these, so ``verify`` names any weight that changed after it was written."""
+    return {name: _digest(t) for name, t in module.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """One sha256 over the names and bytes of every parameter and buffer that is not a probe."""
+    h = hashlib.sha256()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if not is_probe(name):
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
