@@ -460,8 +460,24 @@ def test_convert_is_trainable_and_probe_names():
     assert gm.get_parameter("r_proj.weight").abs().sum() > 0
 
 
-def test_several_reverted_sites_keep_a_valid_graph():
-    """Reverting one site must not erase the original attention another revert still needs."""
+def test_several_reverted_sites_keep_a_valid_graph(monkeypatch):
+    """Reverting one site must not erase the original attention another revert still needs: the
+    continuity check is made to fail for the first two of three sites, which are reverted."""
+    import sys
+
+    conv = sys.modules["parallax_compile.convert"]  # the module (the package's `convert` is the function)
+    real, first_two = conv.check_continuity, []
+
+    def fails_for_the_first_two(run, gains, reference, **kw):
+        out = real(run, gains, reference, **kw)
+        if len(gains) == 3:
+            first_two[:] = [id(g) for g in gains[:2]]
+            out["ok"] = False
+        elif len(gains) == 1:
+            out["ok"] = id(gains[0]) not in first_two
+        return out
+
+    monkeypatch.setattr(conv, "check_continuity", fails_for_the_first_two)
     model = nn.Sequential(NormWithBias(), NormWithBias(), MhaBlock()).eval()
     x = torch.randn(2, 8, 64)
     gm, info = run_conversion(model, (x,))

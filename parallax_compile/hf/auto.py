@@ -162,7 +162,26 @@ def parallax_classes(base_architecture: str) -> tuple[type, type]:
             TOKENIZER_MAPPING.register(config_cls, TOKENIZER_MAPPING[base_config], exist_ok=True)
     except Exception:  # noqa: BLE001 - optional convenience
         pass
+    globals()[config_cls.__name__], globals()[model_cls.__name__] = config_cls, model_cls  # picklable by name
     return config_cls, model_cls
+
+
+def __getattr__(name: str):
+    """``Parallax<Base>`` / ``Parallax<Base>Config`` by name, made on first use: pickle (vLLM sends
+    the config to its engine process) finds the classes in a fresh process."""
+    import transformers
+
+    if name.startswith("Parallax"):
+        base = name[len("Parallax"):]
+        if base.endswith("Config"):  # LlamaConfig -> LlamaForCausalLM, Gemma3TextConfig -> Gemma3ForCausalLM
+            config_name = base
+            stems = (base[:-len("Config")], base[:-len("TextConfig")] if base.endswith("TextConfig") else None)
+            base = next((f"{s}ForCausalLM" for s in stems if s and getattr(getattr(
+                transformers, f"{s}ForCausalLM", None), "config_class", type).__name__ == config_name), None)
+        if base and isinstance(getattr(transformers, base, None), type):
+            config_cls, model_cls = parallax_classes(base)
+            return config_cls if name.endswith("Config") else model_cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
