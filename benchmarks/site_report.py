@@ -6,10 +6,14 @@ rewrite -> verify) on:
 * ``nanogpt`` (hand-written ``masked_fill`` attention);
 * all-MiniLM-L6-v2, ``minilm-eager`` and ``minilm-sdpa``;
 * Gemma 3 270M, ``gemma3-270m-sdpa`` and ``gemma3-270m-eager`` (600 tokens, past its 512 window);
-* every tiny Hugging Face family (gpt2, llama, qwen3, mistral, bert, t5, gemma3) x {eager, sdpa};
-* ``torch.nn`` modules built here: ``nn.TransformerEncoder`` (2 layers) and
-  ``nn.MultiheadAttention(batch_first=True)``, called with ``need_weights=False`` and with its
-  default ``need_weights=True`` (attention weights returned: skipped, with the reason).
+* every tiny Hugging Face family (gpt2, llama, qwen3, mistral, bert, t5, gemma3, gpt_neox, phi3,
+  opt, falcon, bloom, gpt_neo, gemma2) x {eager, sdpa where transformers has it} x {a batch of 2
+  with the last row padded, one unpadded row}; for the causal LMs that use ``AttentionInterface``
+  also :func:`parallax_compile.hf.upgrade` (in place, keeps ``generate``) or its refusal;
+* ``torch.nn`` modules built here: ``nn.TransformerEncoder`` (2 layers),
+  ``nn.MultiheadAttention(batch_first=True)`` as self-attention (``need_weights=False``, and its
+  default ``need_weights=True``: attention weights returned, skipped with the reason) and as
+  cross-attention, and ``nn.TransformerDecoderLayer`` (self- and cross-attention).
 
 and writes ``benchmarks/results/site_report.json`` (machine header + one record per model) and
 ``benchmarks/results/site_report.md`` (a table: sites found, rewritten, skipped with reasons, forms,
@@ -77,6 +81,30 @@ class _Mha(nn.Module):
         return out if weights is None else (out, weights)
 
 
+class _CrossMha(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x, memory):
+        return self.attn(x, memory, memory, need_weights=False)[0]
+
+
+def _cross(kind: str) -> Callable[[], _Loaded]:
+    def build() -> _Loaded:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m = _CrossMha() if kind == "mha" else nn.TransformerDecoderLayer(
+                64, 4, dim_feedforward=128, batch_first=True, dropout=0.0)
+            x, memory = torch.randn(2, 5, 64), torch.randn(2, 7, 64)
+        what = "nn.MultiheadAttention(64, 4), cross-attention" if kind == "mha" else \
+            "nn.TransformerDecoderLayer(64, 4 heads, batch_first)"
+        inputs = {"x" if kind == "mha" else "tgt": x, "memory": memory}
+        return _Loaded(m, inputs, f"{what}, x [2, 5, 64], memory [2, 7, 64]")
+
+    return build
+
+
 def _mha(need_weights: bool) -> Callable[[], _Loaded]:
     def build() -> _Loaded:
         with torch.random.fork_rng(devices=[]):
@@ -91,28 +119,50 @@ def _mha(need_weights: bool) -> Callable[[], _Loaded]:
 # --- the model list --------------------------------------------------------------------------------
 
 
-def _spec(name: str) -> Callable[[], Any]:
+def _spec(name: str, **kwargs) -> Callable[[], Any]:
     def build():
         from parallax_compile.models import load_model
 
-        return load_model(name)
+        return load_model(name, **kwargs)
 
     return build
 
 
 def model_list() -> dict[str, Callable[[], Any]]:
-    from parallax_compile.models import TINY_FAMILIES
+    from parallax_compile.models import IMPLEMENTATIONS, TINY_FAMILIES
 
     models: dict[str, Callable[[], Any]] = {"nanogpt": _spec("nanogpt")}
     for name in ("minilm-eager", "minilm-sdpa", "gemma3-270m-sdpa", "gemma3-270m-eager"):
         models[name] = _spec(name)
     for fam in TINY_FAMILIES:
-        for impl in ("eager", "sdpa"):
+        for impl in IMPLEMENTATIONS[fam]:
             models[f"tiny-{fam}-{impl}"] = _spec(f"tiny-{fam}-{impl}")
+            models[f"tiny-{fam}-{impl} (unpadded)"] = _spec(f"tiny-{fam}-{impl}", batch_size=1)
     models["nn.TransformerEncoder"] = _transformer_encoder
     models["nn.MultiheadAttention"] = _mha(need_weights=False)
     models["nn.MultiheadAttention(need_weights=True)"] = _mha(need_weights=True)
+    models["nn.MultiheadAttention (cross-attention)"] = _cross("mha")
+    models["nn.TransformerDecoderLayer"] = _cross("decoder")
     return models
+
+
+def _upgrade(name: str, build: Callable[[], Any]) -> str:
+    """``hf.upgrade`` of a tiny causal LM: ``"yes (n)"``, ``"refused: ..."``; ``"-"`` for other models."""
+    import copy
+
+    from parallax_compile import hf
+
+    if not name.startswith("tiny-"):
+        return "-"
+    loaded = build()
+    model = loaded.model
+    if not getattr(model, "can_generate", bool)() or getattr(model.config, "is_encoder_decoder", False):
+        return "-"
+    try:
+        info = hf.upgrade(copy.deepcopy(model), loaded.example_inputs, valid_positions=loaded.valid_positions)
+    except Exception as exc:  # noqa: BLE001 - the refusal is the row
+        return f"refused: {str(exc).splitlines()[0][:240]}"
+    return f"yes ({len(info.rewritten)})"
 
 
 # --- one model -----------------------------------------------------------------------------------
@@ -137,6 +187,7 @@ def report_one(name: str, build: Callable[[], Any]) -> dict[str, Any]:
             loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims, valid_positions=loaded.valid_positions
         )
         record["convert_s"] = round(time.perf_counter() - t0, 2)
+        record["hf_upgrade"] = _upgrade(name, build)
     except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the report
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         record["error"] = f"{type(exc).__name__}: {first[:300]}"
@@ -200,12 +251,12 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         "Times are wall-clock seconds (conversion = capture + match + rewrite + verify, which runs "
         "the model about four times).",
         "",
-        "| model | sites found | rewritten | skipped (reason) | forms | GQA | dynamic shapes | max output error | load (s) | conversion (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | sites found | rewritten | skipped (reason) | forms | GQA | dynamic shapes | max output error | hf.upgrade | load (s) | conversion (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error'].replace('|', '/')} | | | | | | | {r.get('load_s', '-')} | |")
+            lines.append(f"| {r['model']} | failed: {r['error'].replace('|', '/')} | | | | | | | | {r.get('load_s', '-')} | |")
             continue
         if r["skipped"]:
             reasons: dict[str, int] = {}
@@ -217,7 +268,8 @@ def markdown(records: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         dynamic = "yes" if r["dynamic"] else f"no ({r['capture_note']})" if r["capture_note"] else "no"
         lines.append(
             f"| {r['model']} | {r['sites']} | {r['rewritten']} | {skipped.replace('|', '/')} | {', '.join(r['forms']) or '-'} "
-            f"| {r['gqa']} | {dynamic} | {_fmt_err(r['max_output_error'])} | {r['load_s']:.1f} | {r['convert_s']:.1f} |"
+            f"| {r['gqa']} | {dynamic} | {_fmt_err(r['max_output_error'])} | {r.get('hf_upgrade', '-').replace('|', '/')} "
+            f"| {r['load_s']:.1f} | {r['convert_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

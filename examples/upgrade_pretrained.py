@@ -177,8 +177,9 @@ def redraw_probes(model, seed: int) -> None:
     from parallax_compile.probes import init_probe_weight
 
     gen = torch.Generator().manual_seed(10_000 + seed)
-    for owner, proj in model.config.parallax_probes.items():
+    for owner, value in model.config.parallax_probes.items():  # {owner: [Hq * D, in]} (or an older "q_proj")
         mod = model.get_submodule(owner)
+        proj = value if isinstance(value, str) else "q_proj"  # Gemma 3 / Llama: the q rows are all of q_proj
         init_probe_weight(mod.r_proj.weight, getattr(mod, proj).weight, generator=gen)
 
 

@@ -27,7 +27,6 @@ Needs the ``models`` extra (transformers) for the Hugging Face parts.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -129,9 +128,23 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 # --- tensor parallel --------------------------------------------------------------------------
 
 def _probe_owners(model: nn.Module) -> dict[str, str]:
-    """``{owner path: query projection attribute}`` of an upgraded model (``config.parallax_probes``)."""
+    """``{owner path: query projection attribute}`` of an upgraded model (``config.parallax_probes``:
+    ``{owner: [Hq * D, in]}``, the probe's shape, whose projection is the owner's ``q_proj``; or
+    ``{owner: attribute}`` written by an older version). Raises ``ValueError`` for an owner with a
+    shape and no ``q_proj`` (a fused QKV projection has no query-only plan)."""
     probes = getattr(model.config, "parallax_probes", None) or {}
-    return dict(probes) if isinstance(probes, dict) else {o: "q_proj" for o in probes}
+    if not isinstance(probes, dict):
+        probes = {o: "q_proj" for o in probes}
+    owners = {}
+    for owner, value in probes.items():
+        if isinstance(value, str):
+            owners[owner] = value.rsplit(".", 1)[-1]
+        elif isinstance(getattr(model.get_submodule(owner), "q_proj", None), nn.Module):
+            owners[owner] = "q_proj"
+        else:
+            raise ValueError(f"tp_plan: `{owner}` has no query-only projection `q_proj` (a fused QKV layout has no "
+                             "query-only plan)")
+    return owners
 
 
 def _generic(path: str) -> str:
@@ -164,13 +177,6 @@ def tp_plan(model: nn.Module) -> dict[str, str]:
     return plan
 
 
-def _append_local_probe(owner, _module, args, out):
-    # After the column-wise q_proj's output hook: ``out`` is this rank's q heads (local) and
-    # ``owner.r_proj`` (column-wise too) returns this rank's r heads, so the module's chain sees
-    # [q_local; r_local] and the attention splits them per rank.
-    return torch.cat([out, owner.r_proj(args[0])], dim=-1)
-
-
 def apply_tp(model: nn.Module, mesh, plan: dict[str, str] | None = None) -> nn.Module:
     """Tensor parallel over the 1-D ``mesh`` with ``parallelize_module``: ``plan`` (default
     :func:`tp_plan`) keys are expanded over the layers (relative to ``model.base_model_prefix``);
@@ -178,8 +184,8 @@ def apply_tp(model: nn.Module, mesh, plan: dict[str, str] | None = None) -> nn.M
     ``"colwise"`` parameters (``r_gain``) become ``Shard(0)`` DTensors, and
     ``"replicated_with_grad_allreduce"`` modules keep full weights whose gradients are summed over
     the mesh (per-head norms see only their rank's heads). Everything else (embeddings, norms,
-    head) stays replicated; every rank must get the same batch. The probe hook on each query
-    projection is re-registered after the projection's own TP hooks. Raises ``ValueError`` when
+    head) stays replicated; every rank must get the same batch. The probe's pre-hook on each owner
+    computes this rank's r heads from the column-wise ``r_proj``. Raises ``ValueError`` when
     the heads or KV heads do not divide by the mesh size, or for a style it does not know."""
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -218,12 +224,10 @@ def apply_tp(model: nn.Module, mesh, plan: dict[str, str] | None = None) -> nn.M
         for p in module.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda q: dist.all_reduce(q.grad, group=group))
-    for owner_path, proj in _probe_owners(model).items():
-        owner = model.get_submodule(owner_path)
-        if getattr(owner, "_parallax_hook", None) is not None:
-            owner._parallax_hook.remove()
-        hook = functools.partial(_append_local_probe, owner)
-        owner._parallax_hook = getattr(owner, proj).register_forward_hook(hook)
+    # The probe's pre-hook on each owner (hf.upgrade.add_probes) calls the column-wise ``r_proj`` on the
+    # replicated block input: it gets this rank's r heads ``[B, L, Hq / tp * D]`` (local tensor, like
+    # q_proj's output), runs them through the replicated q-norm and rotary, and the attention
+    # multiplies them by the local shard of ``r_gain``. Nothing to re-register.
     return model
 
 

@@ -140,17 +140,23 @@ def test_user_mistakes_are_one_line(args, message):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-t5"])
+@pytest.mark.parametrize("spec", ["tiny-bloom", "tiny-t5"])
 def test_convert_takes_the_graph_path_when_in_place_upgrade_cannot(tmp_path, spec):
-    """GPT-2 (fused c_attn: not upgradable in place) and T5 (encoder-decoder) are converted through
-    the captured graph and saved as model.pt2, which verify accepts."""
+    """Bloom (attention not through AttentionInterface) and T5 (encoder-decoder) are converted
+    through the captured graph and saved as model.pt2, which verify accepts."""
     out = tmp_path / spec
     result = CliRunner().invoke(main, ["convert", spec, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "model.pt2").is_file() and not (out / "config.json").exists()
-    if spec == "tiny-gpt2":
-        assert "converting the captured graph instead" in result.output
     assert _run("verify", str(out)).exit_code == 0
+
+
+def test_convert_upgrades_gpt2_in_place(tmp_path):
+    """GPT-2's fused c_attn is upgraded in place now: a Hugging Face directory, not model.pt2."""
+    out = tmp_path / "gpt2"
+    result = CliRunner().invoke(main, ["convert", "tiny-gpt2", "-o", str(out), "--seq-len", "10"])
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and not (out / "model.pt2").exists()
 
 
 def test_convert_hf_causal_lm_refuses_graph_only_options(tmp_path):

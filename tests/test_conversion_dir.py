@@ -79,7 +79,8 @@ def test_upgraded_model_is_a_standard_transformers_model(upgraded, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "parallax" and cfg["architectures"] == ["ParallaxLlamaForCausalLM"]
     assert cfg["parallax_base_architecture"] == "LlamaForCausalLM"
-    assert cfg["parallax_probes"] == {"model.layers.0.self_attn": "q_proj", "model.layers.1.self_attn": "q_proj"}
+    shape = list(model.model.layers[0].self_attn.q_proj.weight.shape)  # W_R is shaped like the q rows of W_Q
+    assert cfg["parallax_probes"] == {"model.layers.0.self_attn": shape, "model.layers.1.self_attn": shape}
     assert read_manifest(tmp_path)["kind"] == "huggingface"
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(back).__name__ == "ParallaxLlamaForCausalLM" and isinstance(back, transformers.LlamaForCausalLM)
@@ -92,6 +93,24 @@ def test_upgraded_model_is_a_standard_transformers_model(upgraded, tmp_path):
     report = pc.verify(tmp_path)
     assert report.ok, report.problems
     assert len(report.probe_norms) >= 2 and all(v > 0 for v in report.probe_norms.values())
+
+
+def test_directory_with_the_older_probe_names_loads(upgraded, tmp_path):
+    """A directory written before the probe shapes were recorded (``parallax_probes = {owner:
+    "q_proj"}``, the probe appended to q_proj's output) loads with the same probes and logits: the
+    owner's pre-hook replays the same chain; the loaded config records the shapes."""
+    model, _ = upgraded
+    model.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["parallax_probes"] = {o: "q_proj" for o in cfg["parallax_probes"]}
+    cfg_path.write_text(json.dumps(cfg))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert back.config.parallax_probes == {o: list(model.get_submodule(o).r_proj.weight.shape)
+                                           for o in cfg["parallax_probes"]}
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
 
 
 def test_without_the_package_loading_fails_loudly(upgraded, tmp_path):

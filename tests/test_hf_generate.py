@@ -1,7 +1,9 @@
 """Converted Hugging Face causal LMs stay transformers models (:mod:`parallax_compile.hf`).
 
 Per tiny family (Llama GQA + RoPE, Qwen3 q-norm, Mistral sliding window, Gemma 3 q/k-norm +
-window + scale): the graph passes find the sites and the upgrade verifies them; ``generate()``
+window + scale, GPT-2 fused ``c_attn``, OPT scale folded into ``q_proj``, Phi-3 fused ``qkv_proj``
++ partial rotary, GPT-NeoX per-head fused QKV + partial rotary): the graph passes find the sites
+and the upgrade verifies them; ``generate()``
 with a left-padded batch at ``W_R = 0`` gives the unconverted model's tokens; with random probes,
 left padding changes nothing at the non-padding positions, the KV-cache decode (through
 ``parallax_attention_with_kvcache``) equals recomputing the whole prefix, and ``save_pretrained`` /
@@ -24,7 +26,7 @@ from parallax_compile import hf
 from parallax_compile.hf import attention as hf_attention
 from parallax_compile.models import load_model
 
-FAMILIES = ["llama", "qwen3", "mistral", "gemma3"]
+FAMILIES = ["llama", "qwen3", "mistral", "gemma3", "gpt2", "opt", "phi3", "gpt_neox"]
 
 
 def _randomise_probes(model, seed=0, std=0.1):
@@ -45,7 +47,8 @@ def upgraded(request):
     original = copy.deepcopy(loaded.model)
     info = hf.upgrade(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
                       valid_positions=loaded.valid_positions)
-    assert [s.module_path for s in info.rewritten] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    owners = [s.module_path for s in info.rewritten]
+    assert len(owners) == 2 and owners == [s.module_path for s in info.sites]
     assert info.max_output_error <= 1e-5
     return request.param, original, loaded.model, loaded.example_inputs
 
@@ -63,7 +66,7 @@ def _prompt(vocab, lengths, seed=1):
 
 def test_generate_at_zero_probe_is_the_original(upgraded):
     _family, original, model, _ = upgraded
-    for p in (p for n, p in model.named_parameters() if n.endswith("r_proj.weight")):
+    for p in (p for n, p in model.named_parameters() if n.endswith(("r_proj.weight", "r_gain"))):
         p.data.zero_()
     ids, mask = _prompt(model.config.vocab_size, [9, 5])
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
@@ -78,7 +81,7 @@ def test_generate_with_a_static_cache_at_zero_probe(upgraded, n_prompt):
     """A static cache hands the attention the whole pre-allocated cache (empty slots included) and
     no mask at prefill: the Parallax path must still see only the real keys, like SDPA."""
     _family, original, model, _ = upgraded
-    for p in (p for n, p in model.named_parameters() if n.endswith("r_proj.weight")):
+    for p in (p for n, p in model.named_parameters() if n.endswith(("r_proj.weight", "r_gain"))):
         p.data.zero_()
     ids, _ = _prompt(model.config.vocab_size, [n_prompt])
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
@@ -103,8 +106,9 @@ def test_left_padding_matches_unpadded_rows(upgraded):
     _randomise_probes(model, seed=2)
     ids, mask = _prompt(model.config.vocab_size, [10, 6], seed=3)
     with torch.no_grad():
-        batch = model(input_ids=ids, attention_mask=mask).logits
-        alone = model(input_ids=ids[1:, 4:], attention_mask=mask[1:, 4:]).logits
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # GPT-2's learned positions count from the first real token
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        alone = model(input_ids=ids[1:, 4:], attention_mask=mask[1:, 4:], position_ids=pos[1:, 4:]).logits
     assert torch.allclose(batch[1, 4:], alone[0], atol=2e-5, rtol=1e-4)
 
 
@@ -138,7 +142,8 @@ def test_save_pretrained_round_trip(upgraded, tmp_path):
     _randomise_probes(model, seed=6)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["parallax_probes"] == {"model.layers.0.self_attn": "q_proj", "model.layers.1.self_attn": "q_proj"}
+    assert cfg["parallax_probes"] == {o: list(model.get_submodule(o).r_proj.weight.shape) for o in cfg["parallax_probes"]}
+    assert len(cfg["parallax_probes"]) == 2
     loaded = hf.from_pretrained(tmp_path).eval()
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
@@ -154,11 +159,40 @@ def test_upgrading_twice_is_refused(upgraded):
         hf.upgrade(model, inputs)
 
 
-def test_fused_projection_is_refused_with_reason():
-    loaded = load_model("tiny-gpt2", seq_len=8)
-    with pytest.raises(RuntimeError, match="not an nn.Linear child"):
+@pytest.mark.parametrize("family", ["bloom", "gpt_neo", "falcon"])
+def test_families_without_attention_interface_are_refused_with_the_alternative(family):
+    """One line naming the family and the graph path, not a TypeError; the model is unchanged."""
+    loaded = load_model(f"tiny-{family}", seq_len=8)
+    with pytest.raises(hf.NotUpgradable, match=rf"\({family}\) does not route attention through .*parallax_compile.convert"):
         hf.upgrade(loaded.model, loaded.example_inputs)
-    assert loaded.model.config._attn_implementation != "parallax"  # left as it was
+    assert loaded.model.config._attn_implementation != "parallax" and not hasattr(loaded.model.config, "parallax_probes")
+
+
+def test_the_probe_chain_is_checked_against_the_query_chain(monkeypatch):
+    """A probe chain that misses the rotary embedding (here: forced) is caught by the upgrade's
+    W_R = W_Q check, which a W_R = 0 check cannot see; the model is left as it was."""
+    import sys
+
+    upgrade_module = sys.modules["parallax_compile.hf.upgrade"]  # `hf.upgrade` is the function
+    real = upgrade_module.probe_heads
+    monkeypatch.setattr(upgrade_module, "probe_heads", lambda owner, x, pe=None: real(owner, x, None))
+    loaded = load_model("tiny-gpt_neox", seq_len=8)
+    with pytest.raises(hf.NotUpgradable, match="does not reproduce the module's query chain"):
+        hf.upgrade(loaded.model, loaded.example_inputs)
+    assert loaded.model.config._attn_implementation != "parallax"
+    assert not any("r_proj" in n for n, _ in loaded.model.named_parameters())
+
+
+def test_upgrade_of_a_model_called_with_input_ids_only():
+    """Default ``use_cache`` (config True), called as ``model(input_ids)``: upgraded, and generate works."""
+    loaded = load_model("tiny-opt", seq_len=8)
+    original = copy.deepcopy(loaded.model)
+    assert loaded.model.config.use_cache
+    ids = loaded.example_inputs["input_ids"][:1]
+    info = hf.upgrade(loaded.model, ids)
+    assert len(info.rewritten) == 2
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(loaded.model.generate(input_ids=ids, **kw), original.generate(input_ids=ids, **kw))
 
 
 def test_from_pretrained_refuses_a_plain_model(tmp_path):

@@ -5,12 +5,13 @@ whose ``config._attn_implementation == "parallax"`` calls :func:`parallax_attent
 every attention module, with transformers' usual arguments ``(module, query, key, value,
 attention_mask, dropout, scaling, sliding_window, ...)``.
 
-The probe ``r`` arrives stacked behind ``q``: a module upgraded by
-:func:`parallax_compile.hf.upgrade.add_probes` has a forward hook on its query projection that
-appends ``W_R x`` to ``W_Q x``, so the module's own query chain (reshape to heads, per-head norm,
-rotary embedding) turns ``[W_Q x; W_R x]`` into ``query = [q; r]`` with ``2 * Hq`` heads (SPEC
-section 5: ``r`` goes through the same chain as ``q``, but never through the temperature, which
-transformers passes apart as ``scaling``). A module without probes gets ``r = 0``.
+The probe ``r`` arrives as the keyword ``parallax_r`` (``[B, Hq, Lq, D]``, before the gain): a
+module upgraded by :func:`parallax_compile.hf.upgrade.add_probes` has a forward pre-hook that
+computes it from the module's input with the module's own per-head norm and rotary embedding
+(SPEC section 5: ``r`` goes through the same chain as ``q``, but never through the temperature,
+which transformers passes apart as ``scaling``), and the module passes its ``**kwargs`` on to
+the attention function. ``r`` is then multiplied per head by ``module.r_gain`` (``[Hq]``). A
+module without probes gets ``r = 0``.
 
 Dispatch (``query [B, Hq, Lq, D]`` after the split, ``key / value [B, Hkv, Lk, D]``):
 
@@ -44,12 +45,15 @@ OBSERVERS: list = []
 (``verify`` uses one to compare every call with the float64 reference)."""
 
 
-def _split_probe(module, query: Tensor) -> tuple[Tensor, Tensor]:
-    """``query = [q; chain(W_R x)]`` -> ``(q, r)`` with ``r = r_gain * chain(W_R x)`` per head."""
-    if getattr(module, "parallax_probe", False):
-        hq = query.shape[1] // 2
-        return query[:, :hq], apply_gain(query[:, hq:], module.r_gain)
-    return query, torch.zeros_like(query)
+def _split_probe(module, query: Tensor, r: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(q, r_gain * r)`` per head; ``r = 0`` for a module without probes."""
+    if not getattr(module, "parallax_probe", False):
+        return query, torch.zeros_like(query)
+    if r is None or r.shape != query.shape:
+        got = "nothing" if r is None else f"shape {tuple(r.shape)}"
+        raise RuntimeError(f"parallax attention: {type(module).__name__} has a probe but its r reached the attention "
+                           f"as {got}, expected {tuple(query.shape)} (the module must pass **kwargs through)")
+    return query, apply_gain(r, module.r_gain)
 
 
 def parallax_attention_forward(
@@ -73,7 +77,7 @@ def parallax_attention_forward(
         raise ValueError("parallax attention: `output_attentions=True` is not supported (no weights are formed)")
     if dropout and module.training:
         raise ValueError(f"parallax attention: attention dropout ({dropout}) is not supported in training")
-    q, r = _split_probe(module, query)
+    q, r = _split_probe(module, query, kwargs.pop("parallax_r", None))
     if RECORD:
         CALLS[id(module)] = CALLS.get(id(module), 0) + 1
     b, _hq, lq, _ = q.shape

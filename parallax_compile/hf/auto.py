@@ -2,9 +2,10 @@
 
 For a base architecture such as ``LlamaForCausalLM``, :func:`parallax_classes` makes (once) the
 subclasses ``ParallaxLlamaConfig`` (``model_type = "parallax"``) and ``ParallaxLlamaForCausalLM``,
-whose ``__init__`` adds the probes named in ``config.parallax_probes`` (``{owner: q-projection
-attribute}``) with :func:`~parallax_compile.hf.upgrade.add_probes`, so the probes (``r_proj``,
-``r_gain``) are ordinary weights that ``from_pretrained`` loads and ``save_pretrained`` writes.
+whose ``__init__`` adds the probes named in ``config.parallax_probes`` (``{owner: [Hq * D, in]}``,
+the shape of ``W_R``; a query projection's attribute name in directories written before) with
+:func:`~parallax_compile.hf.upgrade.add_probes`, so the probes (``r_proj``, ``r_gain``) are
+ordinary weights that ``from_pretrained`` loads and ``save_pretrained`` writes.
 
 ``config.json`` of a converted model says ``"model_type": "parallax"``,
 ``"architectures": ["Parallax<Base>"]``, ``"parallax_base_architecture": "<Base>"``,
@@ -57,8 +58,8 @@ class _ParallaxMixin:
         super().__init__(config, *args, **kwargs)
         probes = getattr(config, "parallax_probes", None)
         if not probes:
-            raise ValueError(f"{type(self).__name__}: config.parallax_probes is empty; expected {{owner: q_proj name}}")
-        add_probes(self, list(probes), proj_name=dict(probes))
+            raise ValueError(f"{type(self).__name__}: config.parallax_probes is empty; expected {{owner: [Hq * D, in]}}")
+        add_probes(self, dict(probes))
         self.parallax_record = None
         self.parallax_trained = False
 

@@ -3,27 +3,42 @@
 
 1. **Find** (the graph passes): ``torch.export`` the model on example inputs, match the attention
    sites and walk each site's query chain back to its projection
-   (:func:`parallax_compile.convert.prepare_sites`). A site is upgraded when its owning module has
-   that projection as an ``nn.Linear`` child producing exactly the query heads (a fused QKV
-   projection is skipped with its reason).
-2. **Upgrade** (module level, no graph): each owning module gets ``r_proj = nn.Linear(in, Hq * D,
-   bias=False)`` (``W_R``, random like ``W_Q``), a zero per-head gain ``r_gain [Hq]`` (SPEC section
-   7, :mod:`parallax_compile.probes`) and a forward hook on its query projection that appends
-   ``r_proj(x)`` to the projection's output, so the module's own query chain (head reshape, per-head
-   norm, rotary embedding) produces ``[q; r_raw]``; the attention function multiplies ``r_raw`` by the
-   gain. The model switches to the ``parallax`` attention implementation
-   (:mod:`parallax_compile.hf.attention`). ``config.parallax_probes`` lists the owners, so
-   :func:`from_pretrained` can rebuild the probes.
-3. **Verify**: at zero gain (``r = 0``) the model's outputs equal the original's on the example
-   inputs (non-padding positions, :data:`parallax_compile.convert.TOLERANCE`), every owner's
-   attention ran through the Parallax function, the gains' gradients are finite, and a small step on
-   the gains moves the outputs in proportion (:func:`parallax_compile.probes.check_continuity`).
-   Otherwise everything is undone and ``RuntimeError`` says why.
+   (:func:`parallax_compile.convert.prepare_sites`). A site is upgraded when its projection (a
+   query-only ``q_proj`` or a fused QKV projection: GPT-2's ``c_attn``, Phi-3's ``qkv_proj``,
+   GPT-NeoX's per-head ``query_key_value``) is a child of the module that owns the attention.
+2. **Upgrade** (module level, no graph): each owning module gets a probe ``r_proj =
+   nn.Linear(in, Hq * D, bias=False)`` (random like the q rows of ``W_Q``), a per-head gain
+   ``r_gain`` ``[Hq]`` (zero) and a forward pre-hook that computes ``r`` from the module's input
+   ``x`` (``hidden_states``) with the module's own per-head norm (``q_norm``) and rotary
+   embedding (the family's ``apply_rotary_pos_emb`` with the ``position_embeddings`` the module
+   receives: partial rotary included) and hands it to the attention function as the keyword
+   ``parallax_r``, which transformers' attention modules pass through ``**kwargs``. So ``r``
+   never passes through a fused split, a view that puts heads on another axis (OPT), or a scale
+   folded into the projection (OPT's ``q_proj(x) * scaling``; SPEC section 5: no temperature on
+   ``r``); ``r`` is computed for the new tokens only and never cached. The model switches to the
+   ``parallax`` attention implementation (:mod:`parallax_compile.hf.attention`);
+   ``config.parallax_probes`` lists the owners and probe shapes so :func:`from_pretrained` can
+   rebuild them.
+3. **Verify**: (a) the probe chain is the module's query chain: with ``W_R`` set to the q rows of
+   ``W_Q``, the projection's bias at zero and the gain at one, ``r`` times the scale the chain
+   folds into ``q`` equals ``q`` in every upgraded module; (b) at gain 0 the model's outputs equal
+   the original's on the example inputs (non-padding positions,
+   :data:`parallax_compile.convert.TOLERANCE`) and every owner's attention ran through the Parallax
+   function; (c) the gains' gradients are finite and a small step on the gains moves the outputs in
+   proportion (:func:`parallax_compile.probes.check_continuity`). Otherwise everything is undone and
+   ``NotUpgradable`` / ``RuntimeError`` says why.
+
+Models whose attention does not go through ``AttentionInterface`` (GPT-Neo, Bloom, Falcon, MPT in
+transformers 5) are refused with :class:`NotUpgradable`; :func:`parallax_compile.convert` (the
+graph path) converts them.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
+from dataclasses import dataclass
 
 import torch
 from torch.utils import _pytree as pytree
@@ -33,30 +48,51 @@ from ..convert import ConversionInfo
 from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
 
-__all__ = ["add_probes", "find_probe_sites", "from_pretrained", "is_hf_model", "remove_probes", "upgrade"]
+__all__ = ["add_probes", "find_probe_sites", "from_pretrained", "is_hf_model", "probe_heads", "remove_probes",
+           "upgrade"]
 
 
 class NotUpgradable(RuntimeError):
-    """The model cannot be upgraded in place (no site whose query projection is an ``nn.Linear``
-    child of its attention module, e.g. GPT-2's fused ``c_attn``); nothing was changed. The graph
-    converter (:func:`parallax_compile.convert`) may still handle it."""
+    """The model cannot be upgraded in place (its attention does not go through transformers'
+    ``AttentionInterface``, or no site's query chain can be given a probe); nothing was changed.
+    The graph converter (:func:`parallax_compile.convert`) may still handle it."""
 
 
 def is_hf_model(model) -> bool:
     """A transformers ``PreTrainedModel`` that dispatches attention through ``AttentionInterface``."""
+    return _is_pretrained(model) and bool(getattr(model, "_supports_attention_backend", False))
+
+
+def _is_pretrained(model) -> bool:
     try:
         from transformers import PreTrainedModel
     except ImportError:
         return False
-    return isinstance(model, PreTrainedModel) and bool(getattr(model, "_supports_attention_backend", False))
+    return isinstance(model, PreTrainedModel)
+
+
+@dataclass
+class ProbePlan:
+    """How one attention module gets its probe (from the graph passes)."""
+
+    projection: str
+    """Path of the query (or fused QKV) projection, a child of the owner."""
+    out_features: int
+    """``Hq * D``: rows of ``W_R``."""
+    in_features: int
+    query_weight: torch.Tensor
+    """The q rows of ``W_Q`` ``[Hq * D, in]``, in head-major order (what ``W_R`` replaces)."""
+    scale: float = 1.0
+    """A number the module's chain multiplies ``q`` by and ``r`` must not get (OPT's ``scaling``)."""
 
 
 def find_probe_sites(model, example_inputs, *, dynamic_dims=None):
     """``(sites, plan, capture)``: every attention site the graph passes find, each marked
-    rewritable or skipped with its reason, and ``plan = {owner path: query projection path}`` for
-    the upgradable ones."""
+    rewritable or skipped with its reason, and ``plan = {owner path: ProbePlan}`` for the
+    upgradable ones."""
     from ..convert import prepare_sites
     from ..passes.capture import capture
+    from ..passes.query_chain import dropped_scale
 
     cap = capture(model, example_inputs, dynamic_dims=dynamic_dims, dynamic=False)
     sites, chains, _ = prepare_sites(cap)
@@ -65,74 +101,100 @@ def find_probe_sites(model, example_inputs, *, dynamic_dims=None):
         chain = chains.get(id(site))
         if chain is None:
             continue
-        proj_path = chain.weight.rsplit(".", 1)[0]
-        owner = site.module_path
-        try:
-            proj = model.get_submodule(proj_path)
-        except AttributeError:
-            proj = None
-        if not isinstance(proj, torch.nn.Linear) or proj_path.rsplit(".", 1)[0] != owner:
-            site.skip(f"the query projection `{proj_path}` is not an nn.Linear child of `{owner}`")
-        elif chain.out_features != chain.fused_width or chain.offset != 0:
-            site.skip(f"`{proj_path}` is a fused QKV projection; the module-level upgrade needs a "
-                      "query-only projection")
+        proj_path, owner = chain.weight.rsplit(".", 1)[0], site.module_path
+        if proj_path.rsplit(".", 1)[0] != owner or chain.weight_rows is not None:
+            site.skip(f"the query projection `{chain.weight}` is not a projection module child of `{owner}`")
         elif owner in plan:
             site.skip(f"`{owner}` has several attention sites")
         else:
-            plan[owner] = proj_path
+            w_q = chain.query_weight(model.get_parameter(chain.weight)).detach().clone()
+            plan[owner] = ProbePlan(proj_path, chain.out_features, chain.in_features, w_q, dropped_scale(cap.gm, chain))
             site.rewritable, site.reason = True, None
             site.probe = f"{owner}.r_proj.weight"
     return sites, plan, cap
 
 
-def _follow_projection(name, owner, _args):
-    """Forward pre-hook of an owner: keep the probe hook on the module that is its query projection
-    now. A wrapper (a PEFT LoRA layer) replaces ``q_proj`` and calls the old one as its base layer:
-    the hook moves to the wrapper, so ``r`` is appended once, after the wrapper's own output."""
-    proj = getattr(owner, name)
-    if not any(isinstance(h, functools.partial) and h.func is _append_probe and h.args[0] is owner
-               for h in proj._forward_hooks.values()):
-        owner._parallax_hook.remove()
-        owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
+def _head_dim(owner) -> int:
+    d = getattr(owner, "head_dim", None) or getattr(owner, "head_size", None)
+    if not isinstance(d, int):
+        raise NotUpgradable(f"{type(owner).__name__} has no integer `head_dim` / `head_size`")
+    return d
 
 
-def _append_probe(owner, _module, args, out):
-    # Call the module (not its weight): a wrapper such as a PEFT LoRA layer on r_proj takes part.
-    return torch.cat([out, owner.r_proj(args[0])], dim=-1)
+def probe_heads(owner, x: torch.Tensor, position_embeddings=None) -> torch.Tensor:
+    """``r`` before the gain, ``[B, Hq, L, D]``, from the block input ``x`` ``[B, L, in]``: the probe
+    ``W_R x`` split into heads, the module's per-head ``q_norm`` (when it has one), and the family's
+    ``apply_rotary_pos_emb`` with ``position_embeddings = (cos, sin)`` (when the module gets them)."""
+    r = owner.r_proj(x)  # the module, not its weight: a wrapper (a PEFT LoRA layer on r_proj) takes part
+    r = r.view(*x.shape[:-1], -1, _head_dim(owner))
+    norm = getattr(owner, "q_norm", None)
+    if norm is not None:
+        r = norm(r)
+    r = r.transpose(1, 2)
+    if position_embeddings is not None:
+        rotary = getattr(sys.modules[type(owner).__module__], "apply_rotary_pos_emb")
+        cos, sin = position_embeddings
+        r = rotary(r, r, cos, sin)[0]
+    return r
 
 
-def _query_heads(model, owner, proj) -> int:
-    head_dim = getattr(owner, "head_dim", None) or getattr(model.config, "head_dim", None)
-    if not head_dim:
-        head_dim = model.config.hidden_size // model.config.num_attention_heads
-    if proj.out_features % head_dim:
-        raise ValueError(f"the query projection of `{type(owner).__name__}` has {proj.out_features} outputs, "
-                         f"not a multiple of head_dim={head_dim}")
-    return proj.out_features // head_dim
+def _probe_hook(positions, owner, args, kwargs):
+    """Forward pre-hook: pass ``parallax_r`` (:func:`probe_heads`) to the attention function."""
+    def arg(name):
+        if name in kwargs:
+            return kwargs[name]
+        i = positions.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    r = probe_heads(owner, arg("hidden_states"), arg("position_embeddings"))
+    return args, {**kwargs, "parallax_r": r}
 
 
-def add_probes(model, owners: list[str], *, proj_name: str | dict[str, str] = "q_proj") -> None:
-    """Give each owner module (path) ``r_proj`` shaped like its query projection (no bias; random
-    like ``W_Q``), a zero gain ``r_gain [Hq]``, and the hook that stacks ``W_R x`` behind ``W_Q x``;
-    switch the model to ``parallax`` attention and record the owners in ``config.parallax_probes``
-    (``{owner: projection attribute}``)."""
+def _probe_shape(owner, value) -> tuple[list[int], torch.Tensor | None]:
+    """``([Hq * D, in], W_Q rows or None)`` from a value of :func:`add_probes`' ``probes``."""
+    if isinstance(value, torch.Tensor):
+        return list(value.shape), value
+    if isinstance(value, str):  # a directory written before the pre-hook: {owner: query projection attribute}
+        w = getattr(owner, value.rsplit(".", 1)[-1]).weight
+        return list(w.shape), w
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(n, int) for n in value):
+        return list(value), None
+    raise ValueError(f"parallax_probes: expected [Hq * D, in] (or a query projection name) for an owner, "
+                     f"got {value!r}")
+
+
+def add_probes(model, probes: dict) -> None:
+    """Give each owner module (path) a probe ``r_proj = nn.Linear(in, Hq * D, bias=False)`` and a
+    zero gain ``r_gain`` ``[Hq]``, and the forward pre-hook that computes ``r``
+    (:func:`probe_heads`); switch the model to ``parallax`` attention and record
+    ``config.parallax_probes = {owner: [Hq * D, in]}``. ``probes[owner]`` is the q rows of ``W_Q``
+    (``[Hq * D, in]``: ``W_R`` is random with their std), or the shape ``[Hq * D, in]`` (a model
+    built from its config, whose weights are loaded after: ``W_R`` random with ``initializer_range``),
+    or the name of a query projection child (directories written before the shape was recorded).
+    Raises ``ValueError`` for another value."""
     attention.register()
-    names = {}
-    for owner_path in owners:
+    shapes = {}
+    for owner_path, value in probes.items():
         owner = model.get_submodule(owner_path)
-        name = proj_name[owner_path].rsplit(".", 1)[-1] if isinstance(proj_name, dict) else proj_name
-        proj = getattr(owner, name)
+        shape, w_q = _probe_shape(owner, value)
         if not hasattr(owner, "r_proj"):
-            owner.r_proj = torch.nn.Linear(proj.in_features, proj.out_features, bias=False,
-                                           device=proj.weight.device, dtype=proj.weight.dtype)
-            init_probe_weight(owner.r_proj.weight, proj.weight)
+            ref = next(owner.parameters())
+            owner.r_proj = torch.nn.Linear(shape[1], shape[0], bias=False, device=ref.device, dtype=ref.dtype)
+            if w_q is not None:
+                init_probe_weight(owner.r_proj.weight, w_q)
+            elif ref.device.type != "meta":
+                std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+                with torch.no_grad():
+                    owner.r_proj.weight.normal_(0.0, std)
         if not hasattr(owner, "r_gain"):
-            owner.r_gain = new_gain(_query_heads(model, owner, proj), proj.weight)
-        owner._parallax_hook = proj.register_forward_hook(functools.partial(_append_probe, owner))
-        owner._parallax_follow = owner.register_forward_pre_hook(functools.partial(_follow_projection, name))
+            owner.r_gain = new_gain(shape[0] // _head_dim(owner), owner.r_proj.weight)
+        names = list(inspect.signature(owner.forward).parameters)
+        positions = {n: names.index(n) for n in ("hidden_states", "position_embeddings") if n in names}
+        owner._parallax_hook = owner.register_forward_pre_hook(functools.partial(_probe_hook, positions),
+                                                               with_kwargs=True)
         owner.parallax_probe = True
-        names[owner_path] = name
-    model.config.parallax_probes = names
+        shapes[owner_path] = shape
+    model.config.parallax_probes = shapes
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
 
 
@@ -140,25 +202,16 @@ def remove_probes(model, owners, previous_impl: str) -> None:
     """Undo :func:`add_probes`."""
     for owner_path in owners:
         owner = model.get_submodule(owner_path)
-        for attr in ("_parallax_hook", "_parallax_follow"):
-            hook = getattr(owner, attr, None)
-            if hook is not None:
-                hook.remove()
-                delattr(owner, attr)
+        hook = getattr(owner, "_parallax_hook", None)
+        if hook is not None:
+            hook.remove()
+            del owner._parallax_hook
         for attr in ("r_proj", "r_gain", "parallax_probe"):
             if hasattr(owner, attr):
                 delattr(owner, attr)
     if hasattr(model.config, "parallax_probes"):
         del model.config.parallax_probes
     model.set_attn_implementation(previous_impl)
-
-
-def _split(example_inputs):
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
 
 
 def _max_error(new, ref, valid) -> tuple[float, bool]:
@@ -179,6 +232,39 @@ def _outputs(out):
     return out
 
 
+def _check_chain(model, plan: dict[str, ProbePlan], args, kwargs) -> list[str]:
+    """Verify step (a): the owners whose probe chain does not reproduce their query chain."""
+    seen, bad = {}, []
+
+    def observe(module, q, r, *_):
+        seen[id(module)] = (q.detach(), r.detach())
+
+    saved = {}
+    with torch.no_grad():
+        for owner_path, p in plan.items():
+            owner, proj = model.get_submodule(owner_path), model.get_submodule(p.projection)
+            bias = getattr(proj, "bias", None)
+            saved[owner_path] = (owner.r_proj.weight.clone(), owner.r_gain.clone(), None if bias is None else bias.clone())
+            owner.r_proj.weight.copy_(p.query_weight)
+            owner.r_gain.fill_(1.0)
+            if bias is not None:
+                bias.zero_()
+        attention.OBSERVERS.append(observe)
+        try:
+            model(*args, **kwargs)
+        finally:
+            attention.OBSERVERS.remove(observe)
+            for owner_path, (w, g, b) in saved.items():
+                owner, proj = model.get_submodule(owner_path), model.get_submodule(plan[owner_path].projection)
+                owner.r_proj.weight.copy_(w)
+                owner.r_gain.copy_(g)
+                if b is not None:
+                    proj.bias.copy_(b)
+    for owner_path, p in plan.items():
+        q, r = seen.get(id(model.get_submodule(owner_path)), (None, None))
+        if q is None or q.shape != r.shape or relative_error(r * p.scale, q) > TOLERANCE.get(q.dtype, 1e-5):
+            bad.append(owner_path)
+    return bad
 def _own_config(model) -> None:
     """Give ``model`` (and its submodules that share it) a copy of its config: the upgrade writes
     ``parallax_probes`` and the attention implementation into it, which must not reach another
@@ -195,12 +281,17 @@ def _own_config(model) -> None:
 
 def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -> ConversionInfo:
     """Upgrade ``model`` (a transformers model, eval mode, ``sdpa`` or ``eager`` attention) in place
-    to Parallax attention with zero probes and verify it (module docstring). Returns the report
-    (``sites``, ``max_output_error``, ``reference_outputs``). Raises ``TypeError`` for a model that
-    does not use transformers' ``AttentionInterface``, ``RuntimeError`` when no site can be upgraded
-    or the check fails (the model is then left as it was)."""
+    to Parallax attention with probes at gain 0 and verify it (module docstring). Returns the report
+    (``sites``, ``max_output_error``, ``reference_outputs``). Raises ``TypeError`` for an object
+    that is not a transformers model, :class:`NotUpgradable` for a model whose attention does not go
+    through ``AttentionInterface`` or when no site can be upgraded, ``RuntimeError`` when the check
+    fails (the model is then left as it was)."""
+    if not _is_pretrained(model):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if not is_hf_model(model):
-        raise TypeError(f"{type(model).__name__} is not a transformers model that uses AttentionInterface")
+        raise NotUpgradable(f"{type(model).__name__} ({model.config.model_type}) does not route attention through "
+                            "transformers' AttentionInterface, so it cannot be upgraded in place; convert it with "
+                            "parallax_compile.convert (the graph path)")
     if getattr(model.config, "parallax_probes", None):
         raise ValueError(f"{type(model).__name__} is already upgraded (config.parallax_probes is set)")
     _own_config(model)
@@ -210,13 +301,17 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
     if not plan:
         reasons = "; ".join(sorted({s.reason for s in sites if s.reason})) or "no attention found"
         raise NotUpgradable(f"no attention site of {type(model).__name__} can be upgraded: {reasons}")
-    args, kwargs = _split(example_inputs)
+    args, kwargs = cap.args, {**cap.kwargs, "use_cache": False} if _takes_use_cache(model) else cap.kwargs
     with torch.no_grad():
         ref = _outputs(model(*args, **kwargs))
     previous = model.config._attn_implementation
     owners = list(plan)
-    add_probes(model, owners, proj_name=plan)
+    add_probes(model, {o: p.query_weight for o, p in plan.items()})
     try:
+        bad = _check_chain(model, plan, args, kwargs)
+        if bad:
+            raise NotUpgradable(f"the probe chain of {bad} ({model.config.model_type}) does not reproduce the module's "
+                                "query chain; convert the model with parallax_compile.convert (the graph path)")
         attention.CALLS.clear()
         attention.RECORD = True
         try:
@@ -228,7 +323,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
             raise RuntimeError(f"the attention of {missing} did not run through the parallax implementation")
         worst, ok = _max_error(out, ref, valid_positions)
         if not ok:
-            raise RuntimeError(f"the model's outputs changed by {worst:.2e} (relative) at W_R = 0")
+            raise RuntimeError(f"the model's outputs changed by {worst:.2e} (relative) at r_gain = 0")
         gains = [model.get_submodule(o).r_gain for o in owners]
         floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if floats:
@@ -259,6 +354,10 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
 
     to_parallax(model, conversion_record(info))
     return info
+
+
+def _takes_use_cache(model) -> bool:
+    return "use_cache" in inspect.signature(model.forward).parameters
 
 
 def from_pretrained(path, **kwargs):

@@ -27,10 +27,11 @@ from .hf import MINILM_IMPLEMENTATIONS, load_hf_dir, load_minilm, sentence_embed
 from .lla import LLA_SOLVERS, load_lla
 from .loaded import LoadedModel
 from .nanogpt import GPT, GPTConfig, build_nanogpt
-from .tiny import TINY_FAMILIES, tiny_hf_model
+from .tiny import IMPLEMENTATIONS, TINY_FAMILIES, tiny_hf_model
 
 __all__ = [
     "GPT",
+    "IMPLEMENTATIONS",
     "TINY_FAMILIES",
     "GPTConfig",
     "LoadedModel",
@@ -41,7 +42,6 @@ __all__ = [
     "tiny_hf_model",
 ]
 
-_IMPLS = ("eager", "sdpa")
 NANOGPT_SEQ_LEN = 64
 
 
@@ -107,8 +107,8 @@ def _parse_tiny(spec: str) -> tuple[str, str] | None:
     if not spec.startswith("tiny-"):
         return None
     family, _, impl = spec[len("tiny-") :].partition("-")
-    if family in TINY_FAMILIES and (impl in _IMPLS or impl == ""):
-        return family, impl or "sdpa"
+    if family in TINY_FAMILIES and (impl in IMPLEMENTATIONS[family] or impl == ""):
+        return family, impl or IMPLEMENTATIONS[family][-1]
     return None
 
 

@@ -9,6 +9,7 @@ dynamic (``Dim.AUTO``) where the model allows it; a model that specialises them 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,6 +156,42 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     return gm
 
 
+CACHE_NOTE = "use_cache disabled for the capture (the converted module returns no KV cache)"
+
+
+@contextlib.contextmanager
+def cache_disabled(model, kwargs: dict):
+    """Capture a Hugging Face model without its KV cache: a ``DynamicCache`` output is not a tensor
+    tree ``torch.export`` can trace. Yields the note for the report (or ``""``): when the model's
+    ``forward`` takes ``use_cache`` and the call leaves it out, the config's ``use_cache`` is off
+    while the block runs (restored afterwards). Raises ``ValueError`` for an explicit
+    ``use_cache=True`` (the converted module would have to return a cache it cannot build)."""
+    config = getattr(model, "config", None)
+    takes = "use_cache" in inspect.signature(model.forward).parameters
+    if kwargs.get("use_cache") is True:
+        raise ValueError("example_inputs: use_cache=True asks for a KV cache object, which the graph converter "
+                         "cannot capture; pass use_cache=False or leave it out")
+    if config is None or not takes or "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        yield ""
+        return
+    was = config.use_cache
+    config.use_cache = False
+    try:
+        yield CACHE_NOTE
+    finally:
+        config.use_cache = was
+
+
+def _export_error(exc: Exception) -> str:
+    """The first line of an export error, with torch.export's pytree advice replaced by what the
+    user can do about an output object it cannot trace."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "register a pytree" in text or "which is not a known type" in first:
+        kind = first.split("<class '")[-1].split("'>")[0].rsplit(".", 1)[-1] if "<class '" in first else "object"
+        return (f"the model returns a `{kind}`, which is not a tensor, tuple, list or dict; return tensors "
+                "(a Hugging Face model: pass use_cache=False)")
+    return first
 def _positional_as_spec(module, args, kwargs):
     """Let ``conv(x=x)`` call a module exported as ``conv(x)`` (and the reverse): rebind the call to
     the signature ``forward`` shows, then split it as the example inputs were (export's input spec)."""
@@ -189,11 +226,21 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
     ``example_inputs``: a Tensor, a tuple of positional inputs, a dict of keyword inputs or
     ``(args, kwargs)``. ``dynamic_dims``: ``{input name or position: {dim: label}}``; default
     marks dims 0 and 1 (batch, sequence) of every tensor input dynamic.
+    A Hugging Face model that would return a KV cache is captured with ``use_cache=False``
+    (:func:`cache_disabled`; the report's note says so).
     Raises ``RuntimeError`` naming the export error when the model cannot be exported at all.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _split_inputs(example_inputs)
+    with cache_disabled(model, kwargs) as cache_note:
+        cap = _capture(model, args, kwargs, dynamic_dims, dynamic)
+    if cache_note:
+        cap.note = "; ".join(n for n in (cache_note, cap.note) if n)
+    return cap
+
+
+def _capture(model, args, kwargs, dynamic_dims, dynamic) -> Capture:
     requested, leaves = _requested_dims(model, args, kwargs, dynamic_dims)
     was_training = model.training
     _set_training(model, False)
@@ -204,8 +251,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
             try:
                 ep = torch.export.export(model, *_fresh(args, kwargs), dynamic_shapes=shapes, strict=False)
             except Exception as exc:  # noqa: BLE001 - any export failure falls back to static shapes
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                note = f"static shapes (dynamic export failed: {first[:160]})"
+                note = f"static shapes (dynamic export failed: {_export_error(exc)[:160]})"
                 shapes = None
         if ep is None:
             # Static shapes; non-strict first, then Dynamo (strict), which evaluates Python-level
@@ -218,7 +264,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynami
                     break
                 except Exception as exc:  # noqa: BLE001
                     untraceable = untraceable or _untraceable_op(exc)
-                    errors.append(f"{'strict' if strict else 'non-strict'}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+                    errors.append(f"{'strict' if strict else 'non-strict'}: {_export_error(exc)}")
             if ep is None and untraceable:
                 raise RuntimeError(untraceable)
             if ep is None:

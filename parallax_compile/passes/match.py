@@ -11,7 +11,9 @@ Parallax op becomes a *skipped* site with the reason, never a partial rewrite.
    ``scores`` from ``matmul``/``bmm``/``einsum``/``baddbmm`` of ``q`` and ``k^T``; the scale as a
    multiply or divide on the scores, on ``q`` or on ``k`` (or absent); masks by addition,
    ``masked_fill`` (also in place) or ``where``; dtype casts and (eval-mode) dropout anywhere on
-   the path.
+   the path; reshapes that keep the last two dims ``[.., Lq, Lk]`` between the product and the
+   softmax and between the softmax and ``P @ V`` (Bloom: 3-D ``baddbmm`` with the ALiBi bias,
+   ``view`` to ``[B, H, Lq, Lk]`` for the mask and back to ``[B * H, Lq, Lk]`` for ``bmm``).
 3. GQA: ``repeat_kv`` (unsqueeze + expand + reshape, HF) and ``repeat_interleave`` on the head dim
    are unwrapped so the op reads the un-repeated K/V.
 """
@@ -41,6 +43,7 @@ SUBS = {aten.sub.Tensor, aten.sub.Scalar, aten.sub_.Tensor}
 FILLS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
 WHERES = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 SDPA = aten.scaled_dot_product_attention.default
 
 
@@ -82,7 +85,8 @@ def const_value(gm: fx.GraphModule, x) -> float | None:
         return None
     if x.target in (aten.full.default, aten.full_like.default) and len(x.args) >= 2:
         return const_value(gm, x.args[1])
-    if x.target in (aten.scalar_tensor.default, aten.lift_fresh_copy.default, aten.detach.default) or x.target in CASTS:
+    if x.target in (aten.scalar_tensor.default, aten.lift_fresh_copy.default, aten.detach.default,
+                    aten.detach_.default) or x.target in CASTS:
         return const_value(gm, x.args[0])
     if x.target is aten.sqrt.default:
         inner = const_value(gm, x.args[0])
@@ -110,7 +114,7 @@ def _reaches_product(node, depth: int = 16) -> bool:
         return False
     if node.target in PRODUCTS:
         return True
-    if node.target in CASTS | MULS | DIVS | ADDS | SUBS | FILLS | {aten.tanh.default}:
+    if node.target in CASTS | MULS | DIVS | ADDS | SUBS | FILLS | RESHAPES | {aten.tanh.default}:
         return _reaches_product(node.args[0], depth - 1) or (
             node.target in MULS | ADDS and len(node.args) > 1 and _reaches_product(node.args[1], depth - 1)
         )
@@ -140,6 +144,12 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
         if t in PRODUCTS:
             break
         if t in CASTS:
+            n = n.args[0]
+            continue
+        if t in RESHAPES:
+            if not _keeps_scores_layout(n.args[0], n):
+                raise Skip("a reshape between QK^T and the softmax changes the [Lq, Lk] dims")
+            ops.append(("reshape", n))
             n = n.args[0]
             continue
         if t is aten.tanh.default:
@@ -183,10 +193,11 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
                 raise NoMatch("where on scores")
         else:
             raise Skip(f"unsupported op `{_name(t)}` between QK^T and the softmax")
-    # Replay in forward order: scale multiplies the product and every term added before it. A
-    # -inf fill stays -inf under a later positive scale and a later finite addition; a scale <= 0
-    # after it does not (-inf * -1 = +inf), so that fill becomes a "set" term.
-    scale, terms = 1.0, []
+    # Replay in forward order: scale multiplies the product and every term added before it; a term
+    # added after a reshape is laid out like the reshaped scores (``MaskTerm.scores``). A -inf fill
+    # stays -inf under a later positive scale and a later finite addition; a scale <= 0 after it
+    # does not (-inf * -1 = +inf), so that fill becomes a "set" term.
+    scale, terms, scores = 1.0, [], None
     for kind, item in reversed(ops):
         if kind == "scale":
             scale *= item
@@ -195,9 +206,19 @@ def _walk_logits(gm, x) -> tuple[fx.Node, float, list[MaskTerm]]:
                     term.coef *= item
                 elif term.kind in ("keep", "drop") and item <= 0:
                     term.kind, term.coef, term.negate = "set", -math.inf * item, term.kind == "keep"
+        elif kind == "reshape":
+            scores = item if shape_of(item) != shape_of(n) else None
         else:
+            item.scores = scores
             terms.append(item)
     return n, scale, terms
+
+
+def _keeps_scores_layout(src, dst) -> bool:
+    """A reshape of the scores (or of the weights) that only splits/merges the leading dims."""
+    a, b = shape_of(src), shape_of(dst)
+    return a is not None and b is not None and len(a) >= 3 and len(b) >= 3 and \
+        [str(d) for d in a[-2:]] == [str(d) for d in b[-2:]]
 
 
 def _fill_term(cond, value, *, negate: bool) -> MaskTerm:
@@ -357,6 +378,9 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
         if u.target in CASTS:
             n = u
             continue
+        if u.target in RESHAPES and _keeps_scores_layout(n, u):
+            n = u
+            continue
         if u.target in DROPOUTS:
             p, train = u.args[1], u.args[2] if len(u.args) > 2 else True
             if train and p:
@@ -397,9 +421,12 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
         k, k_transposed = _untranspose(kt)
     q, q_scale = _strip_scalar_scale(gm, q)
     scale *= q_scale
+    if len(shape_of(q) or ()) != len(shape_of(product) or ()):
+        raise Skip("q and the scores have different ranks")
     empty = "zero" if sm.target is aten._safe_softmax.default else "nan"  # softmax of an all -inf row
     return _site(sm, form, q=q, k=k, v=v, out=pv, scale=scale, causal=False, terms=terms,
-                 k_transposed=k_transposed, extra={"softmax": sm, "logits": sm.args[0], "empty_rows": empty})
+                 k_transposed=k_transposed,
+                 extra={"softmax": sm, "scores": product, "logits": sm.args[0], "empty_rows": empty})
 
 
 def _match_sdpa(gm, node: fx.Node) -> AttentionSite:

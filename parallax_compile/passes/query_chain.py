@@ -6,11 +6,18 @@ but never through the softmax temperature. The replay therefore copies every nod
 projection and ``q``, except multiplications/divisions by a plain number (a scale folded into
 the chain, as OPT and Whisper do), with the projection replaced by ``linear(x, W_R)``.
 
-Fused projections (GPT-2's ``c_attn``, ``nn.MultiheadAttention``'s ``in_proj``) produce q, k
-and v together; ``W_R`` is shaped like the **query block** only. Which output features feed ``q``
-is found by pushing a marker (the feature index) through the index-only ops after the
-projection; the probe's output is zero-padded to the fused width so the same split/select ops
-pick it out again.
+Projections: ``linear(x, W)``, ``addmm(b, x, W)`` (Conv1D) and ``x @ W.T`` (``t`` / ``transpose`` /
+``numpy_T`` of the weight, then ``matmul`` / ``mm``: Falcon), with ``W`` a parameter or a block
+of its rows (``in_proj_weight[:E]`` / ``split`` / ``chunk``: ``nn.MultiheadAttention``
+cross-attention).
+
+Fused projections (GPT-2's ``c_attn``, ``nn.MultiheadAttention``'s ``in_proj``, GPT-NeoX's and
+Falcon's ``query_key_value``, Phi-3's ``qkv_proj``) produce q, k and v together; ``W_R`` is
+shaped like the **q features** only. Which output features feed ``q`` is found by pushing a
+marker (the feature index) through the index-only ops after the projection: a contiguous block
+(GPT-2, Phi-3) or any subset (GPT-NeoX and Falcon lay the projection out per head, ``[H, 3, D]``,
+so q's features are strided). The probe's output is placed back at exactly those positions of
+the fused width (zero elsewhere) so the same split/select ops pick it out again.
 """
 
 from __future__ import annotations
@@ -21,10 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .match import CASTS, DIVS, MULS, Skip, const_value
+from .match import CASTS, DIVS, MULS, Skip, const_value, val
 
 aten = torch.ops.aten
 
+TRANSPOSES = {aten.t.default, aten.transpose.int, aten.numpy_T.default, aten.permute.default}
+ROW_BLOCKS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor,
+              aten.narrow.default}
+RANDOM_OPS = {aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default, aten.rand_like.default,
+              aten.feature_dropout.default}
 INDEX_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.split.Tensor,
     aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, operator.getitem,
@@ -51,10 +63,34 @@ class QueryChain:
     prefix: list[fx.Node]
     """Index-only nodes right after the projection (where the marker is pushed)."""
     q: fx.Node
-    offset: int = 0
-    out_features: int = 0
-    """Rows of ``W_R``: the features of the query block."""
+    features: list[int] = field(default_factory=list)
+    """The projection's output features that feed ``q``, ascending (row ``i`` of ``W_R`` takes
+    the place of feature ``features[i]``); filled by :func:`locate_query_block`."""
+    weight_rows: tuple[int, int] | None = None
+    """``(start, stop)`` when the projection's weight is a block of rows of the parameter
+    ``weight`` (``in_proj_weight[:E]``); None for the whole parameter."""
+    weight_transposed: bool = False
+    """The parameter is stored ``[in, out]`` (Conv1D's ``addmm(b, x, W)``) rather than ``[out, in]``."""
     description: list[str] = field(default_factory=list)
+
+    @property
+    def out_features(self) -> int:
+        """Rows of ``W_R``: the number of q features."""
+        return len(self.features)
+
+    @property
+    def offset(self) -> int | None:
+        """First q feature when the q features are one contiguous block, else None."""
+        f = self.features
+        return f[0] if f and f[-1] - f[0] + 1 == len(f) else None
+
+    def query_weight(self, param: torch.Tensor) -> torch.Tensor:
+        """The rows of ``W_Q`` that produce ``q`` (``[out_features, in_features]``), from the
+        projection's parameter ``param`` (the tensor at :attr:`weight`)."""
+        w = param.t() if self.weight_transposed else param
+        if self.weight_rows is not None:
+            w = w[self.weight_rows[0]:self.weight_rows[1]]
+        return w[torch.tensor(self.features, device=w.device)]
 
     def marker_inputs(self) -> set[fx.Node]:
         """Nodes whose values :func:`locate_query_block` needs."""
@@ -75,23 +111,80 @@ def _param(gm, node) -> torch.Tensor | None:
     return None
 
 
+def _weight_block(gm, node) -> tuple[fx.Node, tuple[int, int] | None] | None:
+    """``(parameter node, rows)`` when ``node`` is a parameter or a block of its rows along dim 0
+    (``split`` / ``chunk`` / ``slice`` / ``narrow``); ``rows`` is None for the whole parameter."""
+    if _param(gm, node) is not None:
+        return node, None
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    shp = val(node).shape if isinstance(val(node), torch.Tensor) else None
+    if node.target is operator.getitem:
+        src, i = node.args
+        if not (isinstance(src, fx.Node) and src.target in ROW_BLOCKS and isinstance(i, int)):
+            return None
+        dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
+        inner = _weight_block(gm, src.args[0])
+        if dim != 0 or inner is None or inner[1] is not None or shp is None:
+            return None
+        sizes = [int(t.shape[0]) for t in val(src)]
+        start = sum(sizes[:i])
+        return inner[0], (start, start + sizes[i])
+    if node.target in (aten.slice.Tensor, aten.narrow.default) and shp is not None:
+        args = list(node.args) + [None] * 4
+        dim, inner = args[1] if args[1] is not None else 0, _weight_block(gm, args[0])
+        if dim != 0 or inner is None or inner[1] is not None:
+            return None
+        if node.target is aten.narrow.default:
+            start = args[2]
+        else:
+            start, step = args[2] or 0, args[4] or 1
+            if step != 1:
+                return None
+        full = _param(gm, inner[0]).shape[0]
+        if not isinstance(start, int):
+            return None
+        start = start + full if start < 0 else start
+        return inner[0], (start, start + int(shp[0]))
+    return None
+
+
+def _transposed_weight(n) -> fx.Node | None:
+    """The weight under ``W.t()`` / ``W.T`` / ``W.transpose(0, 1)`` / ``W.permute(1, 0)``."""
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target in TRANSPOSES):
+        return None
+    if n.target is aten.permute.default and [p % 2 for p in n.args[1]] != [1, 0]:
+        return None
+    if n.target is aten.transpose.int and {d % 2 for d in n.args[1:3]} != {0, 1}:
+        return None
+    return n.args[0]
+
+
 def projection(gm, n: fx.Node):
-    """``(x, weight_node, out_features, in_features)`` when ``n`` applies a parameter weight to ``x``."""
+    """``(x, weight_node, out_features, in_features, rows, stored_transposed)`` when ``n`` applies
+    a 2-D parameter weight (or a block of its rows) to ``x``: ``linear(x, W)``,
+    ``addmm(b, x, W)`` / ``mm`` / ``matmul`` with ``W`` stored ``[in, out]``, or with ``W.T``."""
     if n.op != "call_function":
         return None
     if n.target is aten.linear.default:
-        w = _param(gm, n.args[1])
-        if w is not None and w.dim() == 2:
-            return n.args[0], n.args[1], w.shape[0], w.shape[1]
-        return None
+        block = _weight_block(gm, n.args[1])
+        if block is None or _param(gm, block[0]).dim() != 2:
+            return None
+        f, d = val(n.args[1]).shape
+        return n.args[0], block[0], int(f), int(d), block[1], False
     if n.target in (aten.addmm.default, aten.mm.default, aten.matmul.default):
         x, wn = (n.args[1], n.args[2]) if n.target is aten.addmm.default else (n.args[0], n.args[1])
-        transposed = isinstance(wn, fx.Node) and wn.op == "call_function" and wn.target in (aten.t.default, aten.transpose.int)
-        w = _param(gm, wn.args[0] if transposed else wn)
-        if w is None or w.dim() != 2:
+        inner = _transposed_weight(wn)
+        block = _weight_block(gm, inner if inner is not None else wn)
+        if block is None or _param(gm, block[0]).dim() != 2:
             return None
-        f, d = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
-        return x, (wn.args[0] if transposed else wn), f, d
+        if inner is not None:
+            f, d = val(inner).shape
+        else:
+            d, f = val(wn).shape
+            if block[1] is not None:
+                return None  # rows of an [in, out] weight are input features
+        return x, block[0], int(f), int(d), block[1], inner is None
     return None
 
 
@@ -120,7 +213,7 @@ def find_query_chain(gm: fx.GraphModule, q: fx.Node, limit: int = 400) -> QueryC
     if len(set(projs)) > 1:
         raise Skip("q mixes several projections; the chain cannot be replayed with one probe")
     proj = projs[0]
-    x, wnode, fused, d_in = projection(gm, proj)
+    x, wnode, fused, d_in, rows, stored_transposed = projection(gm, proj)
     # Nodes on a path proj -> q.
     on_path = {proj}
     order = [n for n in gm.graph.nodes if n in seen or n is proj]
@@ -131,20 +224,29 @@ def find_query_chain(gm: fx.GraphModule, q: fx.Node, limit: int = 400) -> QueryC
     for n in nodes:
         if n.op != "call_function" or (isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable):
             raise Skip(f"the query chain contains `{n.target}`, which cannot be replayed")
-        if n.target in (aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default, aten.rand_like.default):
+        if n.target in RANDOM_OPS and not _inactive_dropout(n):
             raise Skip("the query chain is random (dropout); it cannot be replayed")
     prefix = []
     for n in nodes:
         if n.target in INDEX_OPS and all(a is proj or a in prefix or a not in on_path for a in n.all_input_nodes):
             prefix.append(n)
     chain = QueryChain(proj=proj, x=x, weight=wnode.target, in_features=d_in, fused_width=fused,
-                       nodes=nodes, prefix=prefix, q=q)
+                       nodes=nodes, prefix=prefix, q=q, weight_rows=rows, weight_transposed=stored_transposed)
     chain.description = _describe(gm, chain)
     return chain
 
 
+def _inactive_dropout(n: fx.Node) -> bool:
+    """``dropout(x, p, train=False)`` or ``p == 0``: the identity, not random."""
+    if n.target not in (aten.dropout.default, aten.feature_dropout.default):
+        return False
+    p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p")
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)
+    return train is False or p == 0
+
+
 def locate_query_block(chain: QueryChain, values: dict) -> None:
-    """Fill ``offset`` / ``out_features``: push the feature index through the index-only ops."""
+    """Fill ``features``: push the feature index through the index-only ops after the projection."""
     marker = torch.arange(chain.fused_width, dtype=torch.float64).expand(*values[chain.proj].shape).contiguous()
     env = {chain.proj: marker}
 
@@ -160,10 +262,26 @@ def locate_query_block(chain: QueryChain, values: dict) -> None:
     boundary = [n for n in [chain.proj, *chain.prefix]
                 if n is chain.q or any(u in chain.nodes and u not in chain.prefix for u in n.users)]
     feats = torch.cat([env[n].reshape(-1) for n in boundary if isinstance(env[n], torch.Tensor)]).unique()
-    lo, hi = int(feats.min()), int(feats.max())
-    if feats.numel() != hi - lo + 1:
-        raise Skip("q takes a non-contiguous set of the projection's outputs")
-    chain.offset, chain.out_features = lo, hi - lo + 1
+    chain.features = [int(f) for f in feats.tolist()]
+
+
+def place_probe(gm: fx.GraphModule, chain: QueryChain, r: fx.Node, probe_path: str) -> fx.Node:
+    """Put the probe's output ``r`` (``[..., out_features]``) at the q features of the fused
+    width, zeros elsewhere, so the chain's own split/select ops pick it out: a zero pad for a
+    contiguous block, else a gather through a constant index (a non-persistent buffer
+    ``<probe_path>.fused_index``: ``fused_index[j]`` is the row of ``r`` for fused feature ``j``, or
+    ``out_features`` for the zero column). Inserted at the graph's current insertion point."""
+    graph, n, width = gm.graph, chain.out_features, chain.fused_width
+    if n == width:
+        return r
+    if chain.offset is not None:
+        return graph.call_function(aten.constant_pad_nd.default, (r, [chain.offset, width - chain.offset - n]))
+    index = torch.full((width,), n, dtype=torch.long)
+    index[torch.tensor(chain.features)] = torch.arange(n)
+    probe = gm.get_submodule(probe_path)
+    probe.register_buffer("fused_index", index.to(probe.weight.device), persistent=False)
+    padded = graph.call_function(aten.constant_pad_nd.default, (r, [0, 1]))
+    return graph.call_function(aten.index_select.default, (padded, -1, graph.get_attr(f"{probe_path}.fused_index")))
 
 
 def is_scalar_scale(gm, n: fx.Node, chain_nodes) -> bool:
@@ -189,6 +307,17 @@ def replay(gm: fx.GraphModule, chain: QueryChain, probe_out: fx.Node) -> fx.Node
             continue
         env[n] = graph.node_copy(n, lambda a: env.get(a, a))
     return env[chain.q]
+
+
+def dropped_scale(gm, chain: QueryChain) -> float:
+    """The product of the plain-number scales on the chain that :func:`replay` leaves out (OPT's
+    ``q_proj(x) * scaling``): ``q = dropped_scale * chain(W_Q x)``; 1.0 when there is none."""
+    members, scale = set(chain.nodes) | {chain.proj}, 1.0
+    for n in chain.nodes:
+        if is_scalar_scale(gm, n, members):
+            c = const_value(gm, n.args[1] if n.args[0] in members else n.args[0])
+            scale = scale * c if n.target in MULS else scale / c
+    return scale
 
 
 def _describe(gm, chain: QueryChain) -> list[str]:

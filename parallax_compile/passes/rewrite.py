@@ -19,7 +19,7 @@ from torch import fx
 
 from ..probes import gain_name, init_probe_weight, new_gain
 from .match import needs_logits, shape_of, val
-from .query_chain import QueryChain, replay
+from .query_chain import QueryChain, place_probe, replay
 from .site import AttentionSite
 
 aten = torch.ops.aten
@@ -83,6 +83,12 @@ def _dim_size(graph, node, dim):
     return size if isinstance(size, int) else _call(graph, aten.sym_size.int, node, dim % len(shape_of(node)))
 
 
+def _to_product_layout(graph, node, scores, product):
+    """A term laid out like the reshaped ``scores``, broadcast and reshaped like ``product``."""
+    sizes = lambda n: [_dim_size(graph, n, d) for d in range(len(shape_of(n)))]  # noqa: E731
+    return _call(graph, aten.reshape.default, _call(graph, aten.expand.default, node, sizes(scores)), sizes(product))
+
+
 def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> fx.Node | None:
     """Emit the mask the op receives: boolean when every term is boolean, additive otherwise
     (``where(keep, sum of additive terms, -inf)`` when both kinds are present). Exact for -inf
@@ -97,7 +103,11 @@ def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> 
             ones = _call(graph, aten.ones.default, [lq, lk], dtype=torch.bool, device=val(q).device)
             keeps.append(_call(graph, aten.tril.default, ones))
             continue
-        if rank == 3 and len(shape_of(node) or ()) == 3:
+        if t.scores is not None:
+            node = _to_product_layout(graph, node, t.scores, site.nodes["scores"])
+            if rank == 3:
+                node = _call(graph, aten.unsqueeze.default, node, 0)
+        elif rank == 3 and len(shape_of(node) or ()) == 3:
             node = _call(graph, aten.unsqueeze.default, node, 0)
         if t.kind == "keep":
             keeps.append(node)
@@ -115,15 +125,6 @@ def build_mask(graph: fx.Graph, site: AttentionSite, q: fx.Node, k: fx.Node) -> 
     if keep is not None and add is not None:
         return _call(graph, aten.where.ScalarOther, keep, add, -math.inf)
     return keep if keep is not None else add
-
-
-def _query_block(w_q: torch.Tensor, chain: QueryChain) -> torch.Tensor:
-    """The rows (or columns, for a ``x @ W`` projection) of ``W_Q`` that produce ``q``."""
-    if w_q.dim() == 2 and w_q.shape[0] == chain.fused_width:
-        return w_q[chain.offset:chain.offset + chain.out_features]
-    if w_q.dim() == 2 and w_q.shape[-1] == chain.fused_width:
-        return w_q[:, chain.offset:chain.offset + chain.out_features]
-    return w_q
 
 
 def _gain(graph: fx.Graph, r: fx.Node, path: str, heads: int, rank: int, dtype: torch.dtype) -> fx.Node:
@@ -155,7 +156,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
     out = site.nodes["out"]
     w_q = _fetch(gm, chain.weight)
     w_r = torch.nn.Linear(chain.in_features, chain.out_features, bias=False, device=w_q.device, dtype=w_q.dtype)
-    init_probe_weight(w_r.weight, _query_block(w_q, chain))
+    init_probe_weight(w_r.weight, chain.query_weight(w_q).detach())
     gm.add_submodule(path, w_r)
     heads = _heads(site, site.nodes["q"])
     g_owner, _, g_attr = gain_path(path).rpartition(".")
@@ -173,10 +174,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
             r = _call(graph, aten.unflatten.int, r, -1, [g_heads, chain.out_features // g_heads])
             r = _call(graph, aten.flatten.using_ints, _call(graph, aten.mul.Tensor, r, _call(
                 graph, aten.unsqueeze.default, g, -1)), -2)
-        if chain.out_features != chain.fused_width:
-            pad = [chain.offset, chain.fused_width - chain.offset - chain.out_features]
-            r = _call(graph, aten.constant_pad_nd.default, r, pad)
-        r = replay(gm, chain, r)
+        r = replay(gm, chain, place_probe(gm, chain, r, path))
         r = _gain(graph, r, gain_path(path), heads, site.nodes["rank"], w_q.dtype)
         q, k, v = site.nodes["q"], site.nodes["k"], site.nodes["v"]
         if site.nodes["k_transposed"]:
@@ -192,6 +190,9 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
             # A finite fill *sets* logits: the op gets the original logits as its additive mask and
             # q = 0, so its weights are softmax(original logits) exactly, and g = r . k as always.
             mask, scale, causal = site.nodes["logits"], 1.0, False
+            product = site.nodes.get("scores")
+            if product is not None and shape_of(mask) != shape_of(product):  # logits of reshaped scores (Bloom)
+                mask = _to_product_layout(graph, mask, mask, product)
             q = _call(graph, aten.zeros_like.default, q)
             if site.nodes["rank"] == 3:
                 mask = _call(graph, aten.unsqueeze.default, mask, 0)

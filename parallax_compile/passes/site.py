@@ -15,14 +15,17 @@ class MaskTerm:
     ``kind``: ``"add"`` (``coef * node`` added to the logits), ``"keep"`` (boolean, True = keep),
     ``"drop"`` (boolean, True = masked out) or ``"set"`` (a fill: the logits are *set* to ``coef``
     where the boolean ``node`` holds, where it does not when ``negate``; ``coef`` is NaN when the
-    value is not a constant). ``node == "causal_top_left"`` stands for SDPA's
-    top-left causal mask when ``Lq != Lk``.
+    value is not a constant). ``node == "causal_top_left"`` stands for SDPA's top-left causal mask
+    when ``Lq != Lk``. ``scores``: when the term is added after a reshape of the scores (Bloom:
+    ``[B * H, Lq, Lk]`` viewed as ``[B, H, Lq, Lk]``), that reshape's node: the term is broadcast
+    to its shape and reshaped like ``QK^T`` (``site.nodes["scores"]``).
     """
 
     kind: str
     node: Any
     coef: float = 1.0
     negate: bool = False
+    scores: Any = None
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Parallax versions of vLLM's Llama, Mistral, Qwen3 and Gemma 3 causal LMs.
 
 Each class is vLLM's own model class; after it is built, every attention module named in
-``config.parallax_probes`` (``{owner path: "q_proj"}``, written by :func:`parallax_compile.hf.upgrade`)
+``config.parallax_probes`` (``{owner path: [Hq * D, hidden]}``, the probe's shape, written by
+:func:`parallax_compile.hf.upgrade`; ``{owner path: "q_proj"}`` in directories written before)
 becomes a Parallax attention module (:func:`install_probes`):
 
 * ``r_proj`` -- the probe ``W_R``, a ``ColumnParallelLinear(hidden, Hq * D)`` sharded like
@@ -78,7 +79,15 @@ def _load_sharded_heads(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded.narrow(0, start, n).to(param.dtype))
 
 
-def _convert(module: nn.Module, owner: str, vllm_config, window: int | None) -> None:
+def _q_proj_like(value) -> bool:
+    """A ``parallax_probes`` value this plugin serves: ``"q_proj"`` or the probe shape
+    ``[Hq * D, hidden]`` (the probe replays the query chain of ``q_proj``, the query part of vLLM's ``qkv_proj``)."""
+    if isinstance(value, str):
+        return value == "q_proj"
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(n, int) for n in value)
+
+
+def _convert(module: nn.Module, owner: str, vllm_config, window: int | None, shape=None) -> None:
     for attr in ("qkv_proj", "o_proj", "rotary_emb", "attn", "scaling", "q_size", "kv_size"):
         if not hasattr(module, attr):
             raise TypeError(f"parallax vLLM plugin: `{owner}` ({type(module).__name__}) has no `{attr}`; "
@@ -91,6 +100,9 @@ def _convert(module: nn.Module, owner: str, vllm_config, window: int | None) -> 
         raise NotImplementedError(f"parallax vLLM plugin: `{owner}` uses logit soft-capping, not supported")
     hq, hkv, d = module.num_heads, module.num_kv_heads, module.head_dim
     tp = c.get_tensor_model_parallel_world_size()
+    if shape is not None and list(shape) != [hq * tp * d, module.qkv_proj.input_size]:
+        raise ValueError(f"parallax vLLM plugin: `{owner}` has a probe of shape {list(shape)} in parallax_probes, "
+                         f"expected [Hq * D, hidden] = {[hq * tp * d, module.qkv_proj.input_size]}")
     module.r_proj = c.ColumnParallelLinear(module.qkv_proj.input_size, hq * tp * d, bias=False,
                                            quant_config=None, prefix=f"{owner}.r_proj")
     module.r_gain = nn.Parameter(torch.ones(hq, dtype=module.r_proj.weight.dtype), requires_grad=False)
@@ -106,8 +118,9 @@ def _convert(module: nn.Module, owner: str, vllm_config, window: int | None) -> 
 def install_probes(model: nn.Module, vllm_config, *, all_layers_window: int | None = None) -> list[str]:
     """Turn every owner of ``config.parallax_probes`` in ``model`` into a Parallax attention module;
     returns the converted owners. ``all_layers_window``: a window for every layer (Mistral).
-    Raises ``ValueError`` (one line) for a config without probes or with a projection other than
-    ``q_proj``, ``NotImplementedError`` for what the plugin does not support."""
+    Raises ``ValueError`` (one line) for a config without probes, with a projection other than
+    ``q_proj`` or a probe shape other than ``[Hq * D, hidden]``, ``NotImplementedError`` for what
+    the plugin does not support."""
     config = vllm_config.model_config.hf_config
     probes = getattr(config, "parallax_probes", None)
     if not probes:
@@ -115,7 +128,7 @@ def install_probes(model: nn.Module, vllm_config, *, all_layers_window: int | No
                          "serve a directory written by parallax-compile (hf.upgrade + save_pretrained)")
     if vllm_config.speculative_config is not None:
         raise NotImplementedError("parallax vLLM plugin: speculative decoding is not supported")
-    bad = {o: p for o, p in probes.items() if p != "q_proj"}
+    bad = {o: p for o, p in probes.items() if not _q_proj_like(p)}
     if bad:
         raise ValueError(f"parallax vLLM plugin: probes on projections other than `q_proj` are not "
                          f"supported: {bad}")
@@ -126,7 +139,7 @@ def install_probes(model: nn.Module, vllm_config, *, all_layers_window: int | No
         if module is None:  # a layer of another pipeline stage
             continue
         window = module.attn.sliding_window if all_layers_window is None else all_layers_window
-        _convert(module, owner, vllm_config, window)
+        _convert(module, owner, vllm_config, window, None if isinstance(probes[owner], str) else probes[owner])
         done.append(owner)
     if not done and not any(o.startswith("model.layers.") for o in probes):
         raise ValueError(f"parallax vLLM plugin: no module of parallax_probes {sorted(probes)} in the model")
