@@ -23,6 +23,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import parallax_compile as pc
 from parallax_compile import convert, export_onnx
 from parallax_compile.convert import relative_error, run_conversion
 from parallax_compile.export.onnx import parallax_nodes, run_onnx
@@ -187,13 +188,15 @@ def test_tiny_llama_with_live_probes(tiny_llama, tmp_path):
     """Random W_R (the correction branch active, through the model's real q chain): ORT equals
     PyTorch at the export shape and at another batch / length."""
     loaded, gm = tiny_llama
-    probes = [p for n, p in gm.named_parameters() if n.endswith("r_proj.weight")]
+    named = dict(pc.named_probe_parameters(gm))  # W_R and the gains (zero at conversion)
+    probes = list(named.values())
     saved = [p.detach().clone() for p in probes]
     gen = torch.Generator().manual_seed(5)
     try:
         with torch.no_grad():
-            for p in probes:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            for n, p in named.items():
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if n.endswith("r_gain")
+                        else torch.randn(p.shape, generator=gen) * 0.1)
         path = export_onnx(gm, path=tmp_path / "llama_probes.onnx")
         with torch.no_grad():
             moved = _main(gm(**loaded.example_inputs))
@@ -321,8 +324,12 @@ def test_decoder_generates_token_by_token_like_pytorch(llama_with_past):
     ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
-    tokens, first = ort_greedy(str(out / "model.onnx"), ids, mask, 5)
-    with torch.no_grad():
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = model.generation_config.pad_token_id
+    tokens, first = ort_greedy(str(out / "model.onnx"), ids, mask, 5, eos_token_id=eos,
+                               pad_token_id=pad if pad is not None else eos)
+    with torch.no_grad():  # a row that emits EOS continues with the pad id, as generate does
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(tokens, want)

@@ -154,16 +154,18 @@ def test_minilm_save_load_verify_round_trip(minilm: MiniLM, tmp_path):
 def test_minilm_trained_probes_survive_save_and_load(minilm: MiniLM, tmp_path):
     """Non-zero probes (as after fine-tuning) are saved, verified against float64 and reloaded."""
     gm, inputs = minilm.gm, minilm.loaded.example_inputs
-    probes = [gm.get_parameter(s.probe) for s in minilm.info.sites]
+    probes = dict(pc.named_probe_parameters(gm))  # W_R and the gains (zero at conversion)
+    saved = {n: p.detach().clone() for n, p in probes.items()}
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.no_grad():
-            for p in probes:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            for n, p in probes.items():
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if n.endswith("r_gain")
+                        else 0.05 * torch.randn(p.shape, generator=gen))
             expected = gm(**inputs)
         out_dir = pc.save(gm, tmp_path / "trained")
         report = pc.verify(out_dir)
-        assert report.ok, report.problems  # op vs float64 with the saved probes; outputs at W_R = 0
+        assert report.ok, report.problems  # op vs float64 with the saved probes; outputs at r = 0
         assert all(v > 0 for v in report.probe_norms.values())
         with torch.no_grad():
             got = pc.load(out_dir)(**inputs)
@@ -172,8 +174,8 @@ def test_minilm_trained_probes_survive_save_and_load(minilm: MiniLM, tmp_path):
         assert not torch.allclose(expected[0], ref[0], atol=1e-4)  # the probes do change the model
     finally:
         with torch.no_grad():
-            for p in probes:
-                p.zero_()
+            for n, p in probes.items():
+                p.copy_(saved[n])
 
 
 # --- Gemma 3 270M -----------------------------------------------------------------------------------
