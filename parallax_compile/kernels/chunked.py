@@ -132,6 +132,12 @@ def parallax_fwd(
     return out, mu_v, lse, c_out
 
 
+def _finite(x: Tensor) -> Tensor:
+    """``isfinite(x)`` as ``x - x == 0`` (inf - inf and NaN give NaN): the same mask, in ops that
+    torch-mlir lowers to linalg (``forward_block`` is the MLIR exporter's decomposition)."""
+    return (x - x) == 0
+
+
 def forward_block(qc, rc, kf, vf, mask, *, scale, causal, window_size, i0, lq, lk):
     """The forward of query rows ``[i0, i0 + C)`` in the grouped layout, in the inputs' dtype:
     ``qc, rc [B, Hkv, G, C, D]``, ``kf [B, Hkv, 1, Lk, D]``, ``vf [B, Hkv, 1, Lk, Dv]``, ``mask``
@@ -153,7 +159,7 @@ def forward_block(qc, rc, kf, vf, mask, *, scale, causal, window_size, i0, lq, l
     d2 = pg.sum(-1, keepdim=True)
     vs, hit = vf, None
     if masked:  # a masked key's non-finite v must not reach the row (0 * NaN = NaN in a GEMM)
-        bad = ~torch.isfinite(vf)
+        bad = ~_finite(vf)
         vs = torch.where(bad, 0.0, vf)
         hit = torch.matmul(allowed.to(vf.dtype), bad.to(vf.dtype)) > 0  # [.., C, Dv]: reads a bad v
     o1 = torch.matmul(p, vs)
@@ -225,7 +231,7 @@ def parallax_bwd(
         return q.new_zeros(q.shape), r.new_zeros(r.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), d_mask
     masked = attn_mask is not None or causal or window_size is not None
     if masked:  # a masked key's non-finite k / v must not reach the gradients (0 * NaN in a GEMM)
-        kf, vf = (torch.where(torch.isfinite(x), x, 0.0) for x in (kf, vf))
+        kf, vf = (torch.where(_finite(x), x, 0.0) for x in (kf, vf))
     step = _chunk_rows(b, hq, lk, acc)
     for i0 in range(0, lq, step):
         i1 = min(lq, i0 + step)
