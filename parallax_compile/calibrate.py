@@ -33,6 +33,7 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from .passes.capture import Capture, _split_inputs
+from .passes.rewrite import gain_path
 from .reference import cross_covariance_ref, lla_probe_ref
 
 __all__ = [
@@ -292,8 +293,8 @@ def _calibrate_site(gm, site, op, chain, path, values, plain, probe_init, probe_
 def _gain(gm, path: str) -> Tensor | None:
     """The per-head probe gain ``r_gain [Hq]`` next to ``W_R`` (``<owner>.r_proj`` ->
     ``<owner>.r_gain``, ``r_proj_1`` -> ``r_gain_1``), or None (no gain parametrisation)."""
-    owner, _, name = path.rpartition(".")
-    gain = getattr(gm.get_submodule(owner) if owner else gm, name.replace("r_proj", "r_gain", 1), None)
+    owner, _, name = gain_path(path).rpartition(".")
+    gain = getattr(gm.get_submodule(owner) if owner else gm, name, None)
     return gain if isinstance(gain, Tensor) else None
 
 
