@@ -36,6 +36,7 @@ graph path) converts them.
 from __future__ import annotations
 
 import functools
+import copy
 import inspect
 import sys
 from dataclasses import dataclass
@@ -223,6 +224,32 @@ def _max_error(new, ref, valid) -> tuple[float, bool]:
     return worst, ok
 
 
+def _within_original_rounding(model, owners, previous, args, kwargs, out, ref, valid) -> bool:
+    """Fallback of the r_gain = 0 check for an fp32 model just outside ``TOLERANCE``: deep models
+    amplify rounding (Gemma 3 270M, 18 layers: 1.16e-5 between two fp32 runs of the same math on
+    16 CPU threads), so run the *original* model (a copy with the probes removed) in float64 and
+    accept when the upgraded fp32 outputs are no farther from it than the original fp32 outputs
+    are (times 1.5, for the rounding of the comparison itself)."""
+    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves or any(t.dtype != torch.float32 for t in leaves):
+        return False
+    original = copy.deepcopy(model)
+    remove_probes(original, owners, previous)
+    original.double()
+    with torch.no_grad():
+        exact = _outputs(original(*pytree.tree_map(_to64, args), **pytree.tree_map(_to64, kwargs)))
+    del original
+    exact = pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                            exact)
+    new_err, _ = _max_error(out, exact, valid)
+    old_err, _ = _max_error(ref, exact, valid)
+    return new_err <= 1.5 * old_err
+
+
+def _to64(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+
+
 def _outputs(out):
     """The tensors to compare: logits / last hidden state (not the KV cache object)."""
     if hasattr(out, "logits") and out.logits is not None:
@@ -322,6 +349,8 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         if missing:
             raise RuntimeError(f"the attention of {missing} did not run through the parallax implementation")
         worst, ok = _max_error(out, ref, valid_positions)
+        if not ok:
+            ok = _within_original_rounding(model, owners, previous, args, kwargs, out, ref, valid_positions)
         if not ok:
             raise RuntimeError(f"the model's outputs changed by {worst:.2e} (relative) at r_gain = 0")
         gains = [model.get_submodule(o).r_gain for o in owners]
