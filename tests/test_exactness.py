@@ -294,7 +294,8 @@ def test_upgrade_leaves_a_model_sharing_the_config_alone():
 
 def test_decode_attention_compiles_fullgraph():
     """One decode step of the HF attention function (a static cache's bool mask, and none), and the
-    kvcache entry point: no graph break, no host sync."""
+    kvcache entry point: no graph break, no host sync. The whole model's decode step under Inductor
+    and CUDA graphs: ``tests/test_hf_compiled_decode.py``."""
     from parallax_compile.hf.attention import parallax_attention_forward
 
     module = nn.Module()
