@@ -458,6 +458,18 @@ class TestGPU:
         _varlen_check(dtype, [300, 1, 1200, 77], [300, 64, 1500, 77], 8, 2, 128, True, None)
         _varlen_check(dtype, [513, 1024, 7], [513, 1024, 7], 4, 4, 64, False, 128)
 
+    @pytest.mark.parametrize("fwd_variant", sorted(tp.FWD_VARIANTS) if tp is not None else [])
+    def test_fwd_variants(self, fwd_variant):
+        """Each forward variant on odd lengths with Lq != Lk, GQA and an additive mask, and at
+        head_dim 256 with a window (the split-dv variants split its value columns)."""
+        _check(torch.bfloat16, 2, 4, 2, 777, 1531, 128, 128, True, None, "additive", fwd_variant=fwd_variant)
+        _check(torch.bfloat16, 1, 4, 1, 1000, 1000, 256, 256, False, 300, None, fwd_variant=fwd_variant)
+
+    @pytest.mark.parametrize("bwd_variant", sorted(tp.BWD_VARIANTS) if tp is not None else [])
+    def test_bwd_variants(self, bwd_variant):
+        _check(torch.bfloat16, 2, 4, 2, 777, 1531, 128, 128, True, None, "additive", bwd_variant=bwd_variant)
+        _check(torch.bfloat16, 1, 4, 1, 1000, 1000, 64, 64, False, 300, "bool-head", bwd_variant=bwd_variant)
+
     def test_non_contiguous_layout(self):
         """``[B, L, H, D]`` storage viewed as ``[B, H, L, D]`` (what a projection + transpose gives)."""
         q, r, k, v, _ = _inputs(3, 2, 4, 2, 300, 300, 128, 128, torch.bfloat16)
