@@ -54,8 +54,8 @@ SHAPES = [
     ba._shape(4, 8, 2, 4096, 256, True),
 ]
 # default sweep order: most promising first (every name is in triton_parallax.FWD_/BWD_VARIANTS)
-FWD_ORDER = ["base", "tma", "persistent", "tma-persistent", "heads-first", "wide", "ws", "tma-ws",
-             "split-dv", "tma-split-dv"]
+FWD_ORDER = ["base", "tma", "persistent", "tma-persistent", "tma-ws", "tma-persistent-ws", "heads-first",
+             "wide", "split-dv", "tma-split-dv", "ws"]
 BWD_ORDER = ["base", "atomic-dq", "wide"]
 
 

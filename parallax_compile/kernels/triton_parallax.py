@@ -587,7 +587,7 @@ def parallax_fwd_kernel(
     if SCHED == 2:
         n_m = tl.cdiv(Lq, BLOCK_M)
         n_hb = NV * NB
-        for tile in tl.range(tl.program_id(0), n_m * n_hb, tl.num_programs(0)):
+        for tile in tl.range(tl.program_id(0), n_m * n_hb, tl.num_programs(0), warp_specialize=WS == 2):
             i_m = n_m - 1 - tile // n_hb
             i_v = tile % NV
             i_b = (tile % n_hb) // NV
@@ -601,7 +601,7 @@ def parallax_fwd_kernel(
                     stride_ob, stride_oh, stride_ol, stride_sb, stride_sh, stride_sl,
                     stride_mb, stride_mh, stride_mn, G, qk_scale, WINDOW,
                     D, DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE,
-                    LAZY_RESCALE, TMA, WS, NSPLIT, BLOCK_M, BLOCK_N)
+                    LAZY_RESCALE, TMA, WS == 1, NSPLIT, BLOCK_M, BLOCK_N)
     else:
         if SCHED == 1:
             i_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -622,7 +622,7 @@ def parallax_fwd_kernel(
             stride_ob, stride_oh, stride_ol, stride_sb, stride_sh, stride_sl,
             stride_mb, stride_mh, stride_mn, G, qk_scale, WINDOW,
             D, DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE,
-            LAZY_RESCALE, TMA, WS, NSPLIT, BLOCK_M, BLOCK_N)
+            LAZY_RESCALE, TMA, WS == 1, NSPLIT, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,7 +929,8 @@ class Variant:
     16-byte aligned rows, otherwise the launch falls back to pointer loads); ``sched`` 0 = grid
     ``(m, head, batch)``, 1 = grid with heads varying fastest (every head's heaviest causal block is
     issued first), 2 = persistent grid of ``persist`` programs per SM walking tiles heaviest first;
-    ``ws`` warp-specialises the unmasked key loop (``tl.range(warp_specialize=True)``);
+    ``ws`` 1 warp-specialises the unmasked key loop, 2 the persistent tile loop (``sched`` 2; how
+    Triton's Hopper attention tutorial applies it) with ``tl.range(warp_specialize=True)``;
     ``split_dv`` splits value columns over programs in blocks of 128 when ``Dv > 128`` (the QK^T and
     RK^T GEMMs are repeated per block; keeps O1, O2 in registers at head_dim 256).
     Backward fields: ``atomic_dq`` computes dQ / dR in the dK/dV kernel with fp32 atomics and skips
@@ -940,7 +941,7 @@ class Variant:
     tma: bool = False
     sched: int = 0
     persist: int = 1
-    ws: bool = False
+    ws: int = 0
     split_dv: bool = False
     atomic_dq: bool = False
     tiles: str = ""
@@ -955,8 +956,9 @@ FWD_VARIANTS = {
     "persistent2": Variant(sched=2, persist=2),
     "tma-persistent": Variant(tma=True, sched=2),
     "tma-heads-first": Variant(tma=True, sched=1),
-    "ws": Variant(ws=True),
-    "tma-ws": Variant(tma=True, ws=True),
+    "ws": Variant(ws=1),
+    "tma-ws": Variant(tma=True, ws=1),
+    "tma-persistent-ws": Variant(tma=True, sched=2, ws=2),
     "wide": Variant(tiles="wide"),
     "tma-wide": Variant(tma=True, tiles="wide"),
     "split-dv": Variant(split_dv=True),
