@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bwd-variants", nargs="*", default=BWD_ORDER)
     ap.add_argument("--shapes", nargs="*", type=int, help="indices into SHAPES (default all)")
     ap.add_argument("--rep-ms", type=float, default=60)
-    ap.add_argument("--budget-s", type=float, default=270, help="cells started after this many seconds are skipped")
+    ap.add_argument("--budget-s", type=float, default=300, help="cells started after this many seconds are skipped")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="precompile processes (1: none)")
     ap.add_argument("--autotune", choices=["base", "all", "first"], default="base",
                     help="which variants autotune over their tile lists (base: only base and wide; the "
