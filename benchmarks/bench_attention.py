@@ -255,16 +255,31 @@ def _rel(x, ref):
     return ((x.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_correctness(providers, s: Shape, dtype) -> dict[str, dict]:
-    """Reduced shape: parallax (out + 4 grads) and fla (out + 4 grads) vs fp32 chunked."""
+def reference(s: Shape, dtype, seed=1):
+    """Inputs ``(q, r, k, v, do)`` of shape ``s`` in ``dtype`` and the fp32 ``chunked`` output and
+    gradients ``(out, [dq, dr, dk, dv])`` on the same (upcast) inputs."""
     from parallax_compile.kernels import chunked
 
+    q, r, k, v, do = _inputs(s, dtype, seed=seed)
+    f32 = [t.float() for t in (q, r, k, v)]
+    scale = s.d**-0.5
+    ref = chunked.parallax_fwd(*f32, None, scale, s.causal, s.window)
+    ref_g = chunked.parallax_bwd(do.float(), *f32, *ref, None, scale, s.causal, s.window, False)[:4]
+    return (q, r, k, v, do), (ref[0], list(ref_g))
+
+
+def errors(out, grads, ref) -> dict[str, float]:
+    """Relative RMS errors of ``out`` and ``grads`` (dq, dr, dk, dv; None entries skipped) against
+    :func:`reference`'s ``ref``."""
+    errs = {"out": _rel(out, ref[0])} if out is not None else {}
+    errs.update({n: _rel(g, rg) for n, g, rg in zip(("dq", "dr", "dk", "dv"), grads, ref[1]) if g is not None})
+    return errs
+
+
+def check_correctness(providers, s: Shape, dtype) -> dict[str, dict]:
+    """Reduced shape: parallax (out + 4 grads) and fla (out + 4 grads) vs fp32 chunked."""
     red = s.reduced()
-    q, r, k, v, do = _inputs(red, dtype, seed=1)
-    f32 = [t.float().requires_grad_(True) for t in (q, r, k, v)]
-    scale = red.d**-0.5
-    ref = chunked.parallax_fwd(*(t.detach() for t in f32), None, scale, red.causal, red.window)
-    ref_g = chunked.parallax_bwd(do.float(), *(t.detach() for t in f32), *ref, None, scale, red.causal, red.window, False)[:4]
+    (q, r, k, v, do), ref_all = reference(red, dtype)
     tol = TOL[dtype]
     res = {}
     for p in providers:
@@ -279,8 +294,7 @@ def check_correctness(providers, s: Shape, dtype) -> dict[str, dict]:
                 o = p.fn(*xs, window_size=red.window)
                 grads = [g.transpose(1, 2) for g in torch.autograd.grad(o, xs, do.transpose(1, 2).contiguous())]
                 out = o.transpose(1, 2)
-            errs = {"out": _rel(out, ref[0])}
-            errs.update({n: _rel(g, rg) for n, g, rg in zip(("dq", "dr", "dk", "dv"), grads, ref_g)})
+            errs = errors(out, grads, ref_all)
             ok = all(math.isfinite(e) and e <= tol for e in errs.values())
             res[p.name] = {"ok": ok, "errors": errs, "shape": asdict(red)}
         except Exception as e:  # noqa: BLE001 - recorded as a failed check

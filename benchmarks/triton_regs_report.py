@@ -11,6 +11,7 @@ Usage (do not set TRITON_INTERPRET)::
 
     python benchmarks/triton_regs_report.py                      # every candidate config, D=128 bf16 causal
     python benchmarks/triton_regs_report.py --d 256 --kernels dkv --only 16,32,4,1 32,32,8,1
+    python benchmarks/triton_regs_report.py --fwd-variant tma-persistent --bwd-variant atomic-dq
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _POINTERS = {"q", "r", "k", "v", "o", "mu", "do", "dk", "dv", "dq", "dres"}
-_STATS = {"lse", "c", "dc", "dr"}
+_STATS = {"lse", "c", "dc", "dr", "dq_acc", "dr_acc"}
 
 
 def _signature(fn, dtype: str) -> dict[str, str]:
@@ -104,18 +105,29 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-kind", type=int, default=0, choices=[0, 1, 2])
     ap.add_argument("--kernels", nargs="*", default=["fwd", "dkv", "dq"])
     ap.add_argument("--only", nargs="*", help="tiles BM,BN,WARPS,STAGES instead of the bucket's list")
+    ap.add_argument("--fwd-variant", default="base", help="a name in triton_parallax.FWD_VARIANTS")
+    ap.add_argument("--bwd-variant", default="base", help="a name in triton_parallax.BWD_VARIANTS")
     args = ap.parse_args(argv)
+    fv = tp.resolve_variant(args.fwd_variant, "fwd", args.d, args.d, 4096)
+    bv = tp.resolve_variant(args.bwd_variant, "bwd", args.d, args.d, 4096)
     block = tp._block(args.d)
+    block_dv = 128 if fv.split_dv and args.d > 128 else block
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    bucket = tp._bucket({"BLOCK_D": block, "BLOCK_DV": block, "q": torch.empty(0, dtype=tdtype)})
     consts = {"D": args.d, "DV": args.d, "BLOCK_D": block, "BLOCK_DV": block, "CAUSAL": not args.no_causal,
               "HAS_WINDOW": False, "MASK_KIND": args.mask_kind, "IS_VARLEN": False,
               "PREC": "ieee" if args.dtype == "fp32" else "tf32", "UPCAST": False}
+    per_kernel = {
+        "fwd": {"PRESCALE": args.mask_kind == 2, "LAZY_RESCALE": tp.LAZY_RESCALE, "TMA": fv.tma, "SCHED": fv.sched,
+                "WS": fv.ws, "NSPLIT": -(-args.d // block_dv), "TILES": int(fv.tiles == "wide"), "BLOCK_DV": block_dv},
+        "dkv": {"ATOMIC_DQ": bv.atomic_dq, "TILES": int(bv.tiles == "wide")},
+        "dq": {"TILES": int(bv.tiles == "wide")},
+    }
     kernels = {"fwd": tp.parallax_fwd_kernel, "dkv": tp.parallax_bwd_kernel_dkv, "dq": tp.parallax_bwd_kernel_dq}
-    print(f"# triton {triton.__version__}, sm_90a, D={args.d} {args.dtype} bucket={bucket}")
+    print(f"# triton {triton.__version__}, sm_90a, D={args.d} {args.dtype} fwd={args.fwd_variant} bwd={args.bwd_variant}")
     for name in args.kernels:
+        extra = per_kernel[name]
+        bucket = tp._bucket({**consts, **extra, "q": torch.empty(0, dtype=tdtype)}, name)
         tiles = [tuple(map(int, t.split(","))) for t in args.only] if args.only else tp._TILES[name][bucket]
-        extra = {"PRESCALE": args.mask_kind == 2, "LAZY_RESCALE": tp.LAZY_RESCALE} if name == "fwd" else {}
         for tile in tiles:
             try:
                 rep = compile_report(kernels[name], args.dtype, tile, {**consts, **extra})

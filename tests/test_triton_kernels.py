@@ -137,16 +137,19 @@ def _make_mask(kind, b, hq, lk, device=DEVICE, seed=0):
     return m.to(device)
 
 
-def _check(dtype, b, hq, hkv, lq, lk, d, dv=None, causal=False, window=None, mask_kind=None, seed=0):
-    """Forward + backward through the launchers against float64 autograd; statistics against
-    ``chunked`` in float64."""
+def _check(dtype, b, hq, hkv, lq, lk, d, dv=None, causal=False, window=None, mask_kind=None, seed=0,
+           fwd_variant=None, bwd_variant=None):
+    """Forward + backward through the launchers (kernel variants ``fwd_variant`` / ``bwd_variant``,
+    default the dispatch table's) against float64 autograd; statistics against ``chunked`` in
+    float64."""
     dv = d if dv is None else dv
     q, r, k, v, do = _inputs(seed, b, hq, hkv, lq, lk, d, dv, dtype)
     mask = _make_mask(mask_kind, b, hq, lk, seed=seed)
     if not (CUDA and dtype == torch.float32):  # fp32 on CUDA: supported by the launchers, routed to chunked
         assert tp.supports(q, r, k, v, mask, None, causal, window), tp.unsupported_reason(q, r, k, v, mask, None, causal, window)
-    out, mu, lse, c = tp.parallax_fwd(q, r, k, v, mask, None, causal, window)
-    dq, dr, dk, dv_, dmask = tp.parallax_bwd(do, q, r, k, v, out, mu, lse, c, mask, None, causal, window, False)
+    out, mu, lse, c = tp.parallax_fwd(q, r, k, v, mask, None, causal, window, variant=fwd_variant)
+    dq, dr, dk, dv_, dmask = tp.parallax_bwd(do, q, r, k, v, out, mu, lse, c, mask, None, causal, window, False,
+                                             variant=bwd_variant)
     assert dmask is None
     assert out.shape == (b, hq, lq, dv) and out.dtype == dtype and mu.dtype == dtype
     assert lse.shape == (b, hq, lq) and lse.dtype == torch.float32 and c.dtype == torch.float32
@@ -244,16 +247,17 @@ def test_parallax_fwd_bwd(dtype, b, hq, hkv, lq, lk, d, dv, causal, window, mask
     _check(dtype, b, hq, hkv, lq, lk, d, dv, causal, window, mask_kind)
 
 
-def _varlen_check(dtype, lens_q, lens_k, hq, hkv, d, causal, window, device=DEVICE, seed=0):
+def _varlen_check(dtype, lens_q, lens_k, hq, hkv, d, causal, window, device=DEVICE, seed=0, dv=None):
     """``parallax_attention_varlen`` forward + autograd backward against the reference applied to
     each sequence separately (a sequence with no keys must give 0)."""
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
+    dv = d if dv is None else dv
     q = torch.randn(tq, hq, d, generator=g)
     r = torch.randn(tq, hq, d, generator=g) * d**-0.5
     k = torch.randn(tk, hkv, d, generator=g)
-    v = torch.randn(tk, hkv, d, generator=g)
-    do = torch.randn(tq, hq, d, generator=g)
+    v = torch.randn(tk, hkv, dv, generator=g)
+    do = torch.randn(tq, hq, dv, generator=g)
     q, r, k, v, do = (t.to(device=device, dtype=dtype) for t in (q, r, k, v, do))
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -261,7 +265,7 @@ def _varlen_check(dtype, lens_q, lens_k, hq, hkv, d, causal, window, device=DEVI
     xs = [t.detach().requires_grad_(True) for t in (q, r, k, v)]
     out = tp.parallax_attention_varlen(*xs, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, window_size=window)
     out.backward(do)
-    assert out.shape == (tq, hq, d) and torch.isfinite(out).all()
+    assert out.shape == (tq, hq, dv) and torch.isfinite(out).all()
 
     leaves = [t.detach().to(F64).requires_grad_(True) for t in (q, r, k, v)]
     outs = []
@@ -270,7 +274,7 @@ def _varlen_check(dtype, lens_q, lens_k, hq, hkv, d, causal, window, device=DEVI
         qi, ri = (t[sq].transpose(0, 1)[None] for t in leaves[:2])
         ki, vi = (t[sk].transpose(0, 1)[None] for t in leaves[2:])
         if lens_k[i] == 0:
-            outs.append(qi.new_zeros(lens_q[i], hq, d) + 0 * qi.sum())
+            outs.append(qi.new_zeros(lens_q[i], hq, dv) + 0 * qi.sum())
             continue
         oi = parallax_attention_ref(qi, ri, ki, vi, causal=causal, window_size=window)
         outs.append(oi[0].transpose(0, 1))
@@ -297,6 +301,61 @@ VARLEN_CASES = [
 @pytest.mark.parametrize("lens_q,lens_k,hq,hkv,causal,window", VARLEN_CASES)
 def test_parallax_attention_varlen(dtype, lens_q, lens_k, hq, hkv, causal, window):
     _varlen_check(dtype, list(lens_q), list(lens_k), hq, hkv, 64, causal, window)
+
+
+# Kernel variants (performance only; each must give the same function). One case per variant in
+# rotation, plus a value dim > 128 (the split-dv variants split it in blocks of 128).
+_VARIANT_SHAPES = [
+    # (id, B, Hq, Hkv, Lq, Lk, D, Dv, causal, window, mask)
+    ("gqa4:2-causal", 1, 4, 2, 33, 33, 64, 64, True, None, None),
+    ("q17-k40-additive", 2, 2, 2, 17, 40, 64, 64, False, None, "additive"),
+    ("q40-k17-causal-window", 1, 2, 1, 40, 17, 64, 80, True, 8, None),
+    ("d80-bool-head-causal", 2, 2, 2, 33, 33, 80, 80, True, None, "bool-head"),
+]
+_DV160 = ("d32-dv160-causal", 1, 2, 1, 20, 20, 32, 160, True, None, None)
+
+
+def _variant_params():
+    out = []
+    names = sorted(tp.FWD_VARIANTS) if tp is not None else []
+    for i, name in enumerate(names):
+        case = _DV160 if "split" in name else _VARIANT_SHAPES[i % len(_VARIANT_SHAPES)]
+        out.append(pytest.param(name, "base", case, id=f"fwd-{name}-{case[0]}"))
+    for i, name in enumerate(sorted(tp.BWD_VARIANTS) if tp is not None else []):
+        for case in (_VARIANT_SHAPES[i % len(_VARIANT_SHAPES)], _VARIANT_SHAPES[(i + 1) % len(_VARIANT_SHAPES)]):
+            out.append(pytest.param("base", name, case, id=f"bwd-{name}-{case[0]}"))
+    return out
+
+
+@needs_in_process
+@pytest.mark.parametrize("fwd_variant,bwd_variant,case", _variant_params())
+def test_variants(fwd_variant, bwd_variant, case):
+    """Every forward and backward kernel variant against the float64 oracle (output, statistics and
+    all four gradients)."""
+    _check(torch.bfloat16, *case[1:], fwd_variant=fwd_variant, bwd_variant=bwd_variant)
+
+
+@needs_in_process
+def test_variants_varlen_through_dispatch(monkeypatch):
+    """The DISPATCH table picks the variants used by the varlen entry point: persistent forward with
+    TMA loads (a sequence shorter than its grid's query blocks, one with no keys) and the atomic-dQ
+    backward."""
+    monkeypatch.setattr(tp, "DISPATCH", {b: ("tma-persistent", "atomic-dq") for b in tp.DISPATCH})
+    assert tp.resolve_variant(None, "fwd", 64, 64, 30) == tp.FWD_VARIANTS["tma-persistent"]
+    assert tp.resolve_variant(None, "bwd", 64, 64, 30) == tp.BWD_VARIANTS["atomic-dq"]
+    _varlen_check(torch.float16, [9, 1, 24], [20, 0, 11], 4, 2, 64, True, None)
+
+
+@needs_in_process
+def test_variant_names():
+    assert tp.shape_bucket(128, 128, 1024) == "d128-short" and tp.shape_bucket(64, 256, 4096) == "d256-long"
+    assert tp.resolve_variant("tma", "fwd", 128, 128, 4096).tma
+    with pytest.raises(ValueError, match="variant"):
+        tp.resolve_variant("atomic-dq", "fwd", 128, 128, 4096)
+    # TMA needs 16-byte rows; otherwise the launch keeps pointer loads (same results)
+    odd = torch.zeros(1, 1, 4, 7, dtype=torch.float16, device=DEVICE)
+    assert not tp._tma_ready(odd)
+    assert tp._tma_ready(torch.zeros(1, 1, 4, 8, dtype=torch.float16, device=DEVICE))
 
 
 @needs_in_process
@@ -398,6 +457,18 @@ class TestGPU:
     def test_varlen(self, dtype):
         _varlen_check(dtype, [300, 1, 1200, 77], [300, 64, 1500, 77], 8, 2, 128, True, None)
         _varlen_check(dtype, [513, 1024, 7], [513, 1024, 7], 4, 4, 64, False, 128)
+
+    @pytest.mark.parametrize("fwd_variant", sorted(tp.FWD_VARIANTS) if tp is not None else [])
+    def test_fwd_variants(self, fwd_variant):
+        """Each forward variant on odd lengths with Lq != Lk, GQA and an additive mask, and at
+        head_dim 256 with a window (the split-dv variants split its value columns)."""
+        _check(torch.bfloat16, 2, 4, 2, 777, 1531, 128, 128, True, None, "additive", fwd_variant=fwd_variant)
+        _check(torch.bfloat16, 1, 4, 1, 1000, 1000, 256, 256, False, 300, None, fwd_variant=fwd_variant)
+
+    @pytest.mark.parametrize("bwd_variant", sorted(tp.BWD_VARIANTS) if tp is not None else [])
+    def test_bwd_variants(self, bwd_variant):
+        _check(torch.bfloat16, 2, 4, 2, 777, 1531, 128, 128, True, None, "additive", bwd_variant=bwd_variant)
+        _check(torch.bfloat16, 1, 4, 1, 1000, 1000, 64, 64, False, 300, "bool-head", bwd_variant=bwd_variant)
 
     def test_non_contiguous_layout(self):
         """``[B, L, H, D]`` storage viewed as ``[B, H, L, D]`` (what a projection + transpose gives)."""

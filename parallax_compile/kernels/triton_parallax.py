@@ -28,6 +28,14 @@ Kernels (fla / FlashAttention naming):
 
 Nothing O(L^2) is saved: the backward recomputes ``s`` from ``lse`` and ``g`` from ``R K^T``.
 
+Kernel variants (:class:`Variant`, named in ``FWD_VARIANTS`` / ``BWD_VARIANTS``, chosen per call
+with ``variant=`` or per shape bucket by the ``DISPATCH`` table): TMA tensor-descriptor loads of
+K / V, a heads-first or persistent (heaviest tile first) forward grid, a warp-specialised key loop,
+value columns split over programs for head_dim > 128, larger tile lists, and a backward that adds
+dQ / dR with fp32 atomics from the dK/dV kernel. They compute the same function (up to rounding
+order); ``DISPATCH`` runs "base" (the kernels described above) until
+``benchmarks/sweep_attention.py`` has measured the others.
+
 Tile loops are split into key (or query) ranges that need the causal / window / bounds predicate
 and a middle range of full tiles that skips it; tiles that no row can see are never visited.
 
@@ -58,6 +66,7 @@ The interpreter flag is read when ``triton`` is first imported: set it before th
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -72,8 +81,13 @@ __all__ = [
     "parallax_bwd_preprocess",
     "parallax_fwd",
     "parallax_fwd_kernel",
+    "shape_bucket",
     "supports",
     "unsupported_reason",
+    "DISPATCH",
+    "FWD_VARIANTS",
+    "BWD_VARIANTS",
+    "Variant",
 ]
 
 LOG2E = 1.4426950408889634
@@ -124,24 +138,41 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # "big" is head_dim > 128 (B4 H8 L4096 D256 causal: forward 2.9-3.1 ms ~180 TFLOP/s, backward 9.8 ms
 # ~112 TFLOP/s: the fp32 dK/dV/dQ/dR accumulators of 256 columns spill); "fp32" is fp32 inputs (IEEE
 # fp32 dots on the FMA units, no tensor-core tf32; small tiles that fit any head dim).
+# Buckets ending in "+wide" are the larger candidate lists of the variants with ``tiles="wide"``
+# (see VARIANTS; not measured yet: benchmarks/sweep_attention.py); "split" is the forward with the
+# value columns split over programs (head_dim > 128, BLOCK_DV 128); "atomic" the dK/dV kernel that
+# also adds dQ/dR with fp32 atomics.
 _TILES = {
     "fwd": {
         "d64": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
         "d128": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
         "big": [(64, 32, 8, 1), (64, 64, 8, 2), (64, 32, 8, 2)],
         "fp32": [(32, 32, 4, 1), (64, 32, 8, 2)],
+        # ptxas (triton 3.7.1, D256 bf16 causal): 128x32 w8 s2 spills 44 B, 128x64 548 B; "big"'s 64x32 324 B
+        "split": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
+        "d64+wide": [(128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 4)],
+        "d128+wide": [(128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2)],
+        "big+wide": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3)],
     },
     "dkv": {
         "d64": [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
         "d128": [(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 2)],
         "big": [(16, 32, 4, 1), (32, 32, 8, 1), (32, 64, 8, 2)],
         "fp32": [(16, 32, 4, 1), (16, 32, 8, 1)],
+        # ptxas (triton 3.7.1, D128 bf16 causal): 16x128 w8 s2 spills 580 B, 32x128 1520 B (base 32x128: 452 B)
+        "atomic": [(16, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 1)],
+        "d64+wide": [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 2)],
+        "d128+wide": [(64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 4)],
+        "big+wide": [(16, 64, 4, 2), (32, 64, 8, 1), (16, 128, 8, 1), (32, 32, 4, 2)],
     },
     "dq": {
         "d64": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
         "d128": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
         "big": [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 1)],
         "fp32": [(32, 32, 4, 1), (32, 32, 4, 2)],
+        "d64+wide": [(128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        "d128+wide": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)],
+        "big+wide": [(64, 32, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2)],
     },
 }
 # The interpreter costs about 1 ms per program instance and tile iteration: one small config.
@@ -160,23 +191,27 @@ def _configs(kernel: str) -> list[triton.Config]:
     return out
 
 
-def _bucket(args: dict) -> str:
+def _bucket(args: dict, kernel: str = "fwd") -> str:
+    """Tile list of ``_TILES[kernel]`` for these launch arguments (head dim, dtype, variant flags)."""
     d = max(args["BLOCK_D"], args["BLOCK_DV"])
     if args["q"].dtype == torch.float32:
         return "fp32"
-    if d > 128:
-        return "big"
-    return "d64" if d <= 64 else "d128"
+    if kernel == "fwd" and args.get("NSPLIT", 1) > 1:
+        return "split"
+    if kernel == "dkv" and args.get("ATOMIC_DQ", False):
+        return "atomic"
+    base = "big" if d > 128 else ("d64" if d <= 64 else "d128")
+    return base + "+wide" if args.get("TILES", 0) == 1 else base
 
 
 def _pruner(kernel: str):
-    """``early_config_prune`` for ``kernel``: the configs of the head-dim bucket, in its order (only
-    the first with ``PARALLAX_TRITON_AUTOTUNE=0``). Under the interpreter there is one config."""
+    """``early_config_prune`` for ``kernel``: the configs of the head-dim / variant bucket, in its order
+    (only the first with ``PARALLAX_TRITON_AUTOTUNE=0``). Under the interpreter there is one config."""
 
     def prune(configs, named_args, **kwargs):
         if len(configs) <= 1:
             return configs
-        want = _TILES[kernel][_bucket({**named_args, **kwargs})]
+        want = _TILES[kernel][_bucket({**named_args, **kwargs}, kernel)]
         by_tile = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         keep = [by_tile[t] for t in want if t in by_tile]
         return keep if AUTOTUNE else keep[:1]
@@ -184,7 +219,11 @@ def _pruner(kernel: str):
     return prune
 
 
-_AUTOTUNE_KEY = ["KEY_Q", "KEY_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "MASK_KIND"]
+# The autotuner caches its pick per value of these arguments (variant flags included: a constexpr
+# left out of the key would share one tile pick between variants).
+_AUTOTUNE_KEY = ["KEY_Q", "KEY_K", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_WINDOW", "MASK_KIND", "TILES"]
+_FWD_KEY = _AUTOTUNE_KEY + ["TMA", "SCHED", "WS", "NSPLIT"]
+_DKV_KEY = _AUTOTUNE_KEY + ["ATOMIC_DQ"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,17 +390,23 @@ def _parallax_fwd_inner(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     MASK_KIND: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PRESCALE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False, dv0=0,
 ):
     """SPEC section 3 over key tiles starting in ``[lo, hi)``. ``MASKED``: apply bounds / causal /
-    window (tiles on a boundary); otherwise every pair is allowed."""
-    for start_n in range(lo, hi, BLOCK_N):
+    window (tiles on a boundary); otherwise every pair is allowed. ``TMA``: ``p_kb`` / ``p_vb`` are
+    tensor descriptors (``[seq_k, D]`` / ``[seq_k, DV]``, zero padded out of bounds) and ``dv0`` the
+    first value column of this program; ``WS``: warp-specialised loop (Triton >= 3.4)."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         o_n = start_n + tl.arange(0, BLOCK_N)
         o_n64 = o_n.to(tl.int64)
-        p_k = p_kb + o_n64[:, None] * stride_kl + o_d[None, :]
-        p_v = p_vb + o_n64[:, None] * stride_vl + o_dv[None, :]
-        b_k = _load_rows(p_k, o_n, seq_k, o_d, D, BLOCK_D, MASKED)  # [BN, BD]
-        b_v = _load_rows(p_v, o_n, seq_k, o_dv, DV, BLOCK_DV, MASKED)  # [BN, BDV]
+        if TMA:
+            b_k = p_kb.load([start_n, 0])  # [BN, BD]
+            b_v = p_vb.load([start_n, dv0])  # [BN, BDV]
+        else:
+            p_k = p_kb + o_n64[:, None] * stride_kl + o_d[None, :]
+            p_v = p_vb + o_n64[:, None] * stride_vl + o_dv[None, :]
+            b_k = _load_rows(p_k, o_n, seq_k, o_d, D, BLOCK_D, MASKED)  # [BN, BD]
+            b_v = _load_rows(p_v, o_n, seq_k, o_dv, DV, BLOCK_DV, MASKED)  # [BN, BDV]
         # logits in base 2: l * log2(e)
         # raw q.k; PRESCALE (additive mask or scale <= 0) scales it to base-2 logits here, otherwise the
         # row max is taken on the raw product and the scale folds into one FMA before exp2
@@ -420,10 +465,10 @@ def _parallax_fwd_inner(
     return b_m, b_d1, b_d2, b_o1, b_o2
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
-def parallax_fwd_kernel(
-    q, r, k, v, mask, o, mu, lse, c, cu_seqlens_q, cu_seqlens_k,
+def _parallax_fwd_tile(
+    i_m, i_v, i_b, bos_q, seq_q, bos_k, seq_k,
+    q, r, k, v, mask, o, mu, lse, c,
     stride_qb, stride_qh, stride_ql,
     stride_rb, stride_rh, stride_rl,
     stride_kb, stride_kh, stride_kl,
@@ -431,27 +476,28 @@ def parallax_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_sb, stride_sh, stride_sl,
     stride_mb, stride_mh, stride_mn,
-    G, Lq, Lk, KEY_Q, KEY_K, qk_scale, WINDOW,
+    G, qk_scale, WINDOW,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PRESCALE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, PRESCALE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, NSPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(Lq, BLOCK_M), Hq, B)``. Writes ``o``, ``mu`` ``[.., Lq, DV]`` and ``lse``, ``c``."""
-    # heaviest (last, under causal) query blocks first
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_h, i_b = tl.program_id(1), tl.program_id(2)
+    """One ``BLOCK_M`` query tile of query head ``i_v // NSPLIT``, value columns from
+    ``(i_v % NSPLIT) * BLOCK_DV`` (``NSPLIT`` > 1 when the value dim is split over programs: each
+    block repeats the QK^T, RK^T GEMMs; the first writes ``lse`` and ``c``)."""
+    if NSPLIT == 1:
+        i_h = i_v
+        dv0 = 0
+    else:
+        i_h = i_v // NSPLIT
+        dv0 = (i_v % NSPLIT) * BLOCK_DV
     i_hk = i_h // G
-    bos_q, seq_q, bos_k, seq_k = _seq_bounds(i_b, cu_seqlens_q, cu_seqlens_k, Lq, Lk, IS_VARLEN)
     m0 = i_m * BLOCK_M
-    if IS_VARLEN:  # noqa: SIM102 (constexpr test, then a runtime one: Triton cannot `and` them)
-        if m0 >= seq_q:
-            return
-
     o_m = m0 + tl.arange(0, BLOCK_M)
     o_m64 = o_m.to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
+    o_dv = dv0 + tl.arange(0, BLOCK_DV)
     i_b64, i_h64, i_hk64 = i_b.to(tl.int64), i_h.to(tl.int64), i_hk.to(tl.int64)
 
     p_q = q + i_b64 * stride_qb + i_h64 * stride_qh + (bos_q + o_m64)[:, None] * stride_ql + o_d[None, :]
@@ -461,6 +507,11 @@ def parallax_fwd_kernel(
     p_kb = k + i_b64 * stride_kb + i_hk64 * stride_kh + bos_k * stride_kl
     p_vb = v + i_b64 * stride_vb + i_hk64 * stride_vh + bos_k * stride_vl
     p_mb = mask + i_b64 * stride_mb + i_h64 * stride_mh
+    if TMA:  # K, V through the tensor-memory accelerator; out-of-bounds rows / columns read 0
+        p_kb = tl.make_tensor_descriptor(p_kb, shape=[seq_k, D], strides=[stride_kl, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        p_vb = tl.make_tensor_descriptor(p_vb, shape=[seq_k, DV], strides=[stride_vl, 1],
+                                         block_shape=[BLOCK_N, BLOCK_DV])
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_d1 = tl.zeros([BLOCK_M], tl.float32)
@@ -472,15 +523,18 @@ def parallax_fwd_kernel(
     b_m, b_d1, b_d2, b_o1, b_o2 = _parallax_fwd_inner(
         b_q, b_r, b_m, b_d1, b_d2, b_o1, b_o2, p_kb, p_vb, p_mb, stride_kl, stride_vl, stride_mn,
         o_m, o_d, o_dv, lo, f_lo, seq_q, seq_k, WINDOW, qk_scale,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE, LAZY_RESCALE)
+        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE, LAZY_RESCALE,
+        TMA, False, dv0)
     b_m, b_d1, b_d2, b_o1, b_o2 = _parallax_fwd_inner(
         b_q, b_r, b_m, b_d1, b_d2, b_o1, b_o2, p_kb, p_vb, p_mb, stride_kl, stride_vl, stride_mn,
         o_m, o_d, o_dv, f_lo, f_hi, seq_q, seq_k, WINDOW, qk_scale,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE, LAZY_RESCALE)
+        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE, LAZY_RESCALE,
+        TMA, WS, dv0)
     b_m, b_d1, b_d2, b_o1, b_o2 = _parallax_fwd_inner(
         b_q, b_r, b_m, b_d1, b_d2, b_o1, b_o2, p_kb, p_vb, p_mb, stride_kl, stride_vl, stride_mn,
         o_m, o_d, o_dv, f_hi, hi, seq_q, seq_k, WINDOW, qk_scale,
-        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE, LAZY_RESCALE)
+        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE, LAZY_RESCALE,
+        TMA, False, dv0)
 
     # epilogue: mu_v = O1/d1, c = d2/d1, o = mu_v (1 + c) - O2/d1; empty rows -> 0, lse = +inf
     b_empty = b_m == float("-inf")  # [BM]
@@ -496,8 +550,81 @@ def parallax_fwd_kernel(
     tl.store(o + o_o, b_out.to(o.dtype.element_ty), mask=m_o)
     tl.store(mu + o_o, b_mu.to(mu.dtype.element_ty), mask=m_o)
     o_s = i_b64 * stride_sb + i_h64 * stride_sh + (bos_q + o_m64) * stride_sl
-    tl.store(lse + o_s, b_lse, mask=m_m)
-    tl.store(c + o_s, b_c, mask=m_m)
+    if NSPLIT == 1:
+        tl.store(lse + o_s, b_lse, mask=m_m)
+        tl.store(c + o_s, b_c, mask=m_m)
+    else:
+        tl.store(lse + o_s, b_lse, mask=m_m & (dv0 == 0))
+        tl.store(c + o_s, b_c, mask=m_m & (dv0 == 0))
+
+
+@triton.autotune(configs=_configs("fwd"), key=_FWD_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.jit
+def parallax_fwd_kernel(
+    q, r, k, v, mask, o, mu, lse, c, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qh, stride_ql,
+    stride_rb, stride_rh, stride_rl,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_sb, stride_sh, stride_sl,
+    stride_mb, stride_mh, stride_mn,
+    G, Lq, Lk, KEY_Q, KEY_K, qk_scale, WINDOW, HQ, NB,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PRESCALE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, TMA: tl.constexpr, SCHED: tl.constexpr, WS: tl.constexpr,
+    NSPLIT: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Writes ``o``, ``mu`` ``[.., Lq, DV]`` and ``lse``, ``c``. Tiles are (query block, query head x
+    ``NSPLIT`` value-column blocks, batch), heaviest (last, under causal) query blocks first:
+
+    * ``SCHED == 0``: grid ``(cdiv(Lq, BLOCK_M), HQ * NSPLIT, NB)``;
+    * ``SCHED == 1``: grid ``(HQ * NSPLIT * NB, cdiv(Lq, BLOCK_M))``: heads vary fastest, so the
+      hardware issues every head's heaviest block before any lighter one;
+    * ``SCHED == 2``: persistent, grid ``(P,)``; program ``p`` runs tiles ``p, p + P, ..`` of the
+      SCHED 1 order.
+    """
+    NV = HQ * NSPLIT
+    if SCHED == 2:
+        n_m = tl.cdiv(Lq, BLOCK_M)
+        n_hb = NV * NB
+        for tile in tl.range(tl.program_id(0), n_m * n_hb, tl.num_programs(0), warp_specialize=WS == 2):
+            i_m = n_m - 1 - tile // n_hb
+            i_v = tile % NV
+            i_b = (tile % n_hb) // NV
+            bos_q, seq_q, bos_k, seq_k = _seq_bounds(i_b, cu_seqlens_q, cu_seqlens_k, Lq, Lk, IS_VARLEN)
+            if i_m * BLOCK_M < seq_q:
+                _parallax_fwd_tile(
+                    i_m, i_v, i_b, bos_q, seq_q, bos_k, seq_k,
+                    q, r, k, v, mask, o, mu, lse, c,
+                    stride_qb, stride_qh, stride_ql, stride_rb, stride_rh, stride_rl,
+                    stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                    stride_ob, stride_oh, stride_ol, stride_sb, stride_sh, stride_sl,
+                    stride_mb, stride_mh, stride_mn, G, qk_scale, WINDOW,
+                    D, DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE,
+                    LAZY_RESCALE, TMA, WS == 1, NSPLIT, BLOCK_M, BLOCK_N)
+    else:
+        if SCHED == 1:
+            i_m = tl.num_programs(1) - 1 - tl.program_id(1)
+            i_v = tl.program_id(0) % NV
+            i_b = tl.program_id(0) // NV
+        else:
+            i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+            i_v, i_b = tl.program_id(1), tl.program_id(2)
+        bos_q, seq_q, bos_k, seq_k = _seq_bounds(i_b, cu_seqlens_q, cu_seqlens_k, Lq, Lk, IS_VARLEN)
+        if IS_VARLEN:  # noqa: SIM102 (constexpr test, then a runtime one: Triton cannot `and` them)
+            if i_m * BLOCK_M >= seq_q:
+                return
+        _parallax_fwd_tile(
+            i_m, i_v, i_b, bos_q, seq_q, bos_k, seq_k,
+            q, r, k, v, mask, o, mu, lse, c,
+            stride_qb, stride_qh, stride_ql, stride_rb, stride_rh, stride_rl,
+            stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+            stride_ob, stride_oh, stride_ol, stride_sb, stride_sh, stride_sl,
+            stride_mb, stride_mh, stride_mn, G, qk_scale, WINDOW,
+            D, DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST, PRESCALE,
+            LAZY_RESCALE, TMA, WS == 1, NSPLIT, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,9 +671,12 @@ def _parallax_bwd_dkv_inner(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     MASK_KIND: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr = False, p_aqb=None, p_arb=None, stride_al=0,
 ):
     """SPEC section 4 over query tiles starting in ``[lo, hi)``, computed transposed (keys as rows):
-    ``dV += A^T dO``, ``dK += tau dS^T Q + dG^T R``."""
+    ``dV += A^T dO``, ``dK += tau dS^T Q + dG^T R``. ``ATOMIC_DQ``: also add ``tau dS K`` and
+    ``dG K`` of these keys into the fp32 rows ``p_aqb`` / ``p_arb`` (stride ``stride_al``) with
+    atomics (FlashAttention-2's backward: no separate dQ kernel, not deterministic)."""
     for start_m in range(lo, hi, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         o_m64 = o_m.to(tl.int64)
@@ -587,13 +717,20 @@ def _parallax_bwd_dkv_inner(
         b_dgt = b_st * b_ut  # dG^T
         b_dk = _dot(b_dst.to(b_q.dtype), b_q, b_dk, PREC, UPCAST)  # [BN, BD]
         b_dk = _dot(b_dgt.to(b_r.dtype), b_r, b_dk, PREC, UPCAST)
+        if ATOMIC_DQ:
+            b_dqp = _dot(tl.trans(b_dst.to(b_k.dtype)), b_k, None, PREC, UPCAST)  # tau dS K [BM, BD]
+            b_drp = _dot(tl.trans(b_dgt.to(b_k.dtype)), b_k, None, PREC, UPCAST)  # dG K [BM, BD]
+            o_a = o_m64[:, None] * stride_al + o_d[None, :]
+            m_a = (o_m < seq_q)[:, None] & (o_d < D)[None, :]
+            tl.atomic_add(p_aqb + o_a, b_dqp, mask=m_a, sem="relaxed")
+            tl.atomic_add(p_arb + o_a, b_drp, mask=m_a, sem="relaxed")
     return b_dk, b_dv
 
 
-@triton.autotune(configs=_configs("dkv"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkv")})
+@triton.autotune(configs=_configs("dkv"), key=_DKV_KEY, prune_configs_by={"early_config_prune": _pruner("dkv")})
 @triton.jit
 def parallax_bwd_kernel_dkv(
-    q, r, k, v, mask, do, lse, c, dc, dr, dk, dv, cu_seqlens_q, cu_seqlens_k,
+    q, r, k, v, mask, do, lse, c, dc, dr, dk, dv, dq_acc, dr_acc, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_ql,
     stride_rb, stride_rh, stride_rl,
     stride_kb, stride_kh, stride_kl,
@@ -603,14 +740,16 @@ def parallax_bwd_kernel_dkv(
     stride_mb, stride_mh, stride_mn,
     stride_dkb, stride_dkh, stride_dkl,
     stride_dvb, stride_dvh, stride_dvl,
+    stride_ab, stride_ah, stride_al,
     G, Lq, Lk, KEY_Q, KEY_K, qk_scale, scale, WINDOW,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Lk, BLOCK_N), Hkv, B)``: dK, dV of ``BLOCK_N`` keys of one KV head, summed over
-    the ``G`` query heads of its group. ``do`` has the strides of ``out``."""
+    the ``G`` query heads of its group. ``do`` has the strides of ``out``. ``ATOMIC_DQ``: also adds
+    dQ (scaled) and dR into the zeroed fp32 ``dq_acc``, ``dr_acc`` (strides ``stride_a*``)."""
     i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos_q, seq_q, bos_k, seq_k = _seq_bounds(i_b, cu_seqlens_q, cu_seqlens_k, Lq, Lk, IS_VARLEN)
     n0 = i_n * BLOCK_N
@@ -637,6 +776,8 @@ def parallax_bwd_kernel_dkv(
         p_rb = r + i_b64 * stride_rb + i_h64 * stride_rh + bos_q * stride_rl
         p_dob = do + i_b64 * stride_ob + i_h64 * stride_oh + bos_q * stride_ol
         p_sb = i_b64 * stride_sb + i_h64 * stride_sh + bos_q * stride_sl
+        p_aqb = dq_acc + i_b64 * stride_ab + i_h64 * stride_ah + bos_q * stride_al
+        p_arb = dr_acc + i_b64 * stride_ab + i_h64 * stride_ah + bos_q * stride_al
         if MASK_KIND == 1:
             b_mk = tl.load(mask + i_b64 * stride_mb + i_h64 * stride_mh + o_n64 * stride_mn, mask=o_n < seq_k, other=0)
         elif MASK_KIND == 2:
@@ -647,15 +788,18 @@ def parallax_bwd_kernel_dkv(
         b_dk, b_dv = _parallax_bwd_dkv_inner(
             b_dk, b_dv, b_k, b_v, b_mk, p_qb, p_rb, p_dob, p_sb, lse, c, dc, dr,
             stride_ql, stride_rl, stride_ol, stride_sl, o_n, o_d, o_dv, lo, f_lo, seq_q, seq_k, WINDOW,
-            qk_scale, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST)
+            qk_scale, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST,
+            ATOMIC_DQ, p_aqb, p_arb, stride_al)
         b_dk, b_dv = _parallax_bwd_dkv_inner(
             b_dk, b_dv, b_k, b_v, b_mk, p_qb, p_rb, p_dob, p_sb, lse, c, dc, dr,
             stride_ql, stride_rl, stride_ol, stride_sl, o_n, o_d, o_dv, f_lo, f_hi, seq_q, seq_k, WINDOW,
-            qk_scale, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST)
+            qk_scale, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST,
+            ATOMIC_DQ, p_aqb, p_arb, stride_al)
         b_dk, b_dv = _parallax_bwd_dkv_inner(
             b_dk, b_dv, b_k, b_v, b_mk, p_qb, p_rb, p_dob, p_sb, lse, c, dc, dr,
             stride_ql, stride_rl, stride_ol, stride_sl, o_n, o_d, o_dv, f_hi, hi, seq_q, seq_k, WINDOW,
-            qk_scale, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST)
+            qk_scale, scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, CAUSAL, HAS_WINDOW, MASK_KIND, PREC, UPCAST,
+            ATOMIC_DQ, p_aqb, p_arb, stride_al)
 
     m_n = o_n < seq_k
     p_dk = dk + i_b64 * stride_dkb + i_hk64 * stride_dkh + (bos_k + o_n64)[:, None] * stride_dkl + o_d[None, :]
@@ -718,7 +862,7 @@ def parallax_bwd_kernel_dq(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), Hq, B)``: dQ and dR (``dres``) of ``BLOCK_M`` query rows; both
     share the strides ``stride_dq*``."""
@@ -777,6 +921,124 @@ def parallax_bwd_kernel_dq(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kernel variant (performance only: every variant computes the same function).
+
+    Forward fields: ``tma`` loads K / V through device-side tensor descriptors (TMA on Hopper; needs
+    16-byte aligned rows, otherwise the launch falls back to pointer loads); ``sched`` 0 = grid
+    ``(m, head, batch)``, 1 = grid with heads varying fastest (every head's heaviest causal block is
+    issued first), 2 = persistent grid of ``persist`` programs per SM walking tiles heaviest first;
+    ``ws`` 1 warp-specialises the unmasked key loop, 2 the persistent tile loop (``sched`` 2; how
+    Triton's Hopper attention tutorial applies it) with ``tl.range(warp_specialize=True)``;
+    ``split_dv`` splits value columns over programs in blocks of 128 when ``Dv > 128`` (the QK^T and
+    RK^T GEMMs are repeated per block; keeps O1, O2 in registers at head_dim 256).
+    Backward fields: ``atomic_dq`` computes dQ / dR in the dK/dV kernel with fp32 atomics and skips
+    the dQ kernel (8 tile GEMMs per tile pair instead of 11; not deterministic).
+    Both: ``tiles`` "" = the tuned tile lists, "wide" = larger candidate lists (``_TILES`` "+wide").
+    """
+
+    tma: bool = False
+    sched: int = 0
+    persist: int = 1
+    ws: int = 0
+    split_dv: bool = False
+    atomic_dq: bool = False
+    tiles: str = ""
+
+
+# Named variants (benchmarks/sweep_attention.py times each; "base" is the measured default).
+FWD_VARIANTS = {
+    "base": Variant(),
+    "tma": Variant(tma=True),
+    "heads-first": Variant(sched=1),
+    "persistent": Variant(sched=2),
+    "persistent2": Variant(sched=2, persist=2),
+    "tma-persistent": Variant(tma=True, sched=2),
+    "tma-heads-first": Variant(tma=True, sched=1),
+    "ws": Variant(ws=1),
+    "tma-ws": Variant(tma=True, ws=1),
+    "tma-persistent-ws": Variant(tma=True, sched=2, ws=2),
+    "wide": Variant(tiles="wide"),
+    "tma-wide": Variant(tma=True, tiles="wide"),
+    "split-dv": Variant(split_dv=True),
+    "tma-split-dv": Variant(tma=True, split_dv=True),
+}
+BWD_VARIANTS = {
+    "base": Variant(),
+    "wide": Variant(tiles="wide"),
+    "atomic-dq": Variant(atomic_dq=True),
+}
+
+# Which variant runs per shape bucket (see :func:`shape_bucket`): (forward, backward) names. All
+# "base" until benchmarks/sweep_attention.py has measured the others on the H200; edit this table
+# from its "suggested DISPATCH" output. A bucket missing here runs "base".
+DISPATCH: dict[str, tuple[str, str]] = {
+    "d64-short": ("base", "base"),
+    "d64-long": ("base", "base"),
+    "d128-short": ("base", "base"),
+    "d128-long": ("base", "base"),
+    "d256-short": ("base", "base"),
+    "d256-long": ("base", "base"),
+}
+
+
+def shape_bucket(head_dim: int, value_dim: int, seq_q: int) -> str:
+    """DISPATCH key: ``d64`` / ``d128`` / ``d256`` by the larger of ``head_dim`` and ``value_dim``,
+    ``short`` for ``seq_q <= 1024`` (too few key tiles per query block to hide the prologue),
+    ``long`` otherwise."""
+    d = max(head_dim, value_dim)
+    name = "d64" if d <= 64 else ("d128" if d <= 128 else "d256")
+    return f"{name}-{'short' if seq_q <= 1024 else 'long'}"
+
+
+def resolve_variant(variant: str | Variant | None, direction: str, head_dim: int, value_dim: int,
+                    seq_q: int) -> Variant:
+    """The :class:`Variant` to run: ``variant`` itself, a name in ``FWD_VARIANTS`` / ``BWD_VARIANTS``
+    (``direction`` "fwd" / "bwd"), or ``None`` for the DISPATCH table's pick for this shape.
+
+    Raises ValueError for an unknown name."""
+    if isinstance(variant, Variant):
+        return variant
+    table = FWD_VARIANTS if direction == "fwd" else BWD_VARIANTS
+    if variant is None:
+        pick = DISPATCH.get(shape_bucket(head_dim, value_dim, seq_q), ("base", "base"))
+        variant = pick[0] if direction == "fwd" else pick[1]
+    if variant not in table:
+        raise ValueError(f"variant: expected one of {sorted(table)} for the {direction} kernels, got {variant!r}")
+    return table[variant]
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if INTERPRET:
+        return 3  # a few programs, so the persistent loop runs several tiles each in the tests
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+_ALLOCATOR_SET = False
+
+
+def _tma_ready(*ts: Tensor) -> bool:
+    """Device-side tensor descriptors for ``ts``: base 16-byte aligned, unit last stride, other
+    strides multiples of 16 bytes (the TMA rules). Sets Triton's scratch allocator (descriptors are
+    written to global memory) on first use."""
+    global _ALLOCATOR_SET
+    for t in ts:
+        item = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * item) % 16 for st in t.stride()[:-1]):
+            return False
+    if not INTERPRET and not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+    return True
 
 
 def _device_ok(t: Tensor) -> bool:
@@ -910,11 +1172,13 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-def _fwd(q, r, k, v, attn_mask, scale, causal, window_size, varlen=None):
+def _fwd(q, r, k, v, attn_mask, scale, causal, window_size, varlen=None, variant=None):
     """Shared forward launcher. ``varlen = (cu_seqlens_q, cu_seqlens_k, max_q, max_k, batch)`` for
-    packed ``[T, H, D]`` inputs (stats ``[Hq, T]``), else ``[B, H, L, D]`` inputs."""
+    packed ``[T, H, D]`` inputs (stats ``[Hq, T]``), else ``[B, H, L, D]`` inputs. ``variant``: see
+    :func:`resolve_variant`."""
     q, r, k, v = (_last_contig(t) for t in (q, r, k, v))
     d, dv = q.shape[-1], v.shape[-1]
+    var = resolve_variant(variant, "fwd", d, dv, varlen[2] if varlen is not None else q.shape[2])
     if varlen is None:
         b, hq, lq, _ = q.shape
         hkv, lk = k.shape[1], k.shape[2]
@@ -934,24 +1198,36 @@ def _fwd(q, r, k, v, attn_mask, scale, causal, window_size, varlen=None):
     vl = varlen is not None
     s_stats = (0, lse.stride(0), lse.stride(1)) if vl else (lse.stride(0), lse.stride(1), lse.stride(2))
     mask, mask_kind, s_mask = _mask_args(attn_mask, b, hq, lq, lk, q.device)
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), hq, b)
+    block_dv = 128 if var.split_dv and dv > 128 else _block(dv)
+    nsplit = triton.cdiv(dv, block_dv)
+    nv = hq * nsplit
+    if var.sched == 2:
+        progs = _num_sms(q.device) * var.persist
+        grid = lambda meta: (min(triton.cdiv(lq, meta["BLOCK_M"]) * nv * b, progs),)
+    elif var.sched == 1:
+        grid = lambda meta: (nv * b, triton.cdiv(lq, meta["BLOCK_M"]))
+    else:
+        grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nv, b)
     parallax_fwd_kernel[grid](
         q, r, k, v, mask, out, mu, lse, c, cu_q, cu_k,
         *_strides3(q, vl), *_strides3(r, vl), *_strides3(k, vl), *_strides3(v, vl), *_strides3(out, vl),
         *s_stats, *s_mask,
         hq // hkv, lq, lk, triton.next_power_of_2(lq), triton.next_power_of_2(lk),
-        scale * LOG2E, window_size if window_size is not None else 0,
-        D=d, DV=dv, BLOCK_D=_block(d), BLOCK_DV=_block(dv),
+        scale * LOG2E, window_size if window_size is not None else 0, hq, b,
+        D=d, DV=dv, BLOCK_D=_block(d), BLOCK_DV=block_dv,
         CAUSAL=bool(causal), HAS_WINDOW=window_size is not None, MASK_KIND=mask_kind,
         IS_VARLEN=vl, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype), PRESCALE=mask_kind == 2 or scale <= 0,
-        LAZY_RESCALE=LAZY_RESCALE,
+        LAZY_RESCALE=LAZY_RESCALE, TMA=var.tma and _tma_ready(k, v), SCHED=var.sched, WS=var.ws,
+        NSPLIT=nsplit, TILES=1 if var.tiles == "wide" else 0,
     )
     return out, mu, lse, c
 
 
-def _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, window_size, varlen=None):
-    """Shared backward launcher (see :func:`_fwd` for ``varlen``)."""
+def _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, window_size, varlen=None,
+         variant=None):
+    """Shared backward launcher (see :func:`_fwd` for ``varlen`` and ``variant``)."""
     q, r, k, v = (_last_contig(t) for t in (q, r, k, v))
+    var = resolve_variant(variant, "bwd", q.shape[-1], v.shape[-1], varlen[2] if varlen is not None else q.shape[2])
     # dO, out and mu_v share one set of strides in the kernels
     do = grad_out.contiguous()
     out, mu_v = out.contiguous(), mu_v.contiguous()
@@ -987,15 +1263,24 @@ def _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, wind
         "D": d, "DV": dv, "BLOCK_D": _block(d), "BLOCK_DV": _block(dv),
         "CAUSAL": bool(causal), "HAS_WINDOW": window_size is not None, "MASK_KIND": mask_kind,
         "IS_VARLEN": vl, "PREC": _prec(q.dtype), "UPCAST": _upcast(q.dtype),
+        "TILES": 1 if var.tiles == "wide" else 0,
     }
     scalars = (hq // hkv, lq, lk, triton.next_power_of_2(lq), triton.next_power_of_2(lk),
                scale * LOG2E, scale, window_size if window_size is not None else 0)
     in_strides = (*_strides3(q, vl), *_strides3(r, vl), *_strides3(k, vl), *_strides3(v, vl),
                   *_strides3(out, vl), *s_stats, *s_mask)
+    if var.atomic_dq:  # fp32 sums of dQ (scaled) and dR, added to by the dK/dV kernel
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dr_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = dr_acc = torch.empty(1, dtype=torch.float32, device=q.device)
+    s_acc = _strides3(dq_acc, vl) if var.atomic_dq else (0, 0, 0)
     parallax_bwd_kernel_dkv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
-        q, r, k, v, mask, do, lse, c, dc, drow, dk, dv_, cu_q, cu_k,
-        *in_strides, *_strides3(dk, vl), *_strides3(dv_, vl), *scalars, **common,
+        q, r, k, v, mask, do, lse, c, dc, drow, dk, dv_, dq_acc, dr_acc, cu_q, cu_k,
+        *in_strides, *_strides3(dk, vl), *_strides3(dv_, vl), *s_acc, *scalars, ATOMIC_DQ=var.atomic_dq, **common,
     )
+    if var.atomic_dq:
+        return dq_acc.to(q.dtype), dr_acc.to(q.dtype), dk, dv_
     parallax_bwd_kernel_dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), hq, b)](
         q, r, k, v, mask, do, lse, c, dc, drow, dq, dr, cu_q, cu_k,
         *in_strides, *_strides3(dq, vl), *scalars, **common,
@@ -1012,6 +1297,8 @@ def parallax_fwd(
     scale: float | None,
     causal: bool,
     window_size: int | None,
+    *,
+    variant: str | Variant | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward (SPEC section 3), same signature and outputs as ``chunked.parallax_fwd``.
 
@@ -1020,10 +1307,12 @@ def parallax_fwd(
     or additive) broadcastable to ``[B, Hq, 1, Lk]``; ``scale`` on ``q . k`` (None: ``D**-0.5``).
 
     Returns ``(out, mu_v, lse, c)``: ``[B, Hq, Lq, Dv]`` twice in the input dtype, ``[B, Hq, Lq]``
-    twice in fp32. Check :func:`supports` first.
+    twice in fp32. Check :func:`supports` first. ``variant`` (keyword): a name in ``FWD_VARIANTS``
+    or a :class:`Variant`; default ``None`` takes the DISPATCH table's pick for the shape (same
+    results up to rounding order either way). Raises ValueError for an unknown name.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _fwd(q, r, k, v, attn_mask, scale, causal, window_size)
+    return _fwd(q, r, k, v, attn_mask, scale, causal, window_size, variant=variant)
 
 
 def parallax_bwd(
@@ -1041,14 +1330,18 @@ def parallax_bwd(
     causal: bool,
     window_size: int | None,
     mask_needs_grad: bool,
+    *,
+    variant: str | Variant | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Backward (SPEC section 4), same signature and outputs as ``chunked.parallax_bwd``:
     ``(dq, dr, dk, dv, None)``. A mask gradient is not computed here (``supports`` is False when
-    ``mask_needs_grad``; this raises)."""
+    ``mask_needs_grad``; this raises). ``variant``: a name in ``BWD_VARIANTS`` or a
+    :class:`Variant`, default the DISPATCH pick (see :func:`parallax_fwd`)."""
     if mask_needs_grad:
         raise NotImplementedError("parallax triton backward: mask gradient; use chunked.parallax_bwd")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dq, dr, dk, dv = _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, window_size)
+    dq, dr, dk, dv = _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, window_size,
+                          variant=variant)
     return dq, dr, dk, dv, None
 
 
