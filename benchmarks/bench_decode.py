@@ -9,7 +9,7 @@ Methods:
 
 * ``parallax`` -- :func:`parallax_compile.parallax_attention_with_kvcache` (split-KV Triton kernel,
   stacked ``[q; r]`` tile, merge launch when split); ``parallax_unstacked`` -- the same kernel
-  with two GEMMs per product (``PARALLAX_DECODE_STACK=0``), on a subset;
+  with two GEMMs per product (``DecodeVariant(mode="unstack")``), on a subset;
 * ``fla_decode_one_step`` -- ``fla.ops.parallax.decode.parallax_decode_one_step`` (fla-core; layout
   ``[B, T, H, D]``, its cache copied once to that layout, outside the timing);
 * ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` -- ``scaled_dot_product_attention`` with a
@@ -100,6 +100,11 @@ def reference(q, r, k, v, scale, rows):
     return parallax_attention_ref(q, r[:rows].float(), k, v, scale=scale)
 
 
+def kv_bytes(b: int, hkv: int, l: int, d: int, dv: int, item: int) -> int:
+    """Bytes of the K and V cache a decode step reads: ``B * Hkv * L * (D + Dv) * item``."""
+    return b * hkv * l * (d + dv) * item
+
+
 def _rel(x, ref):
     return ((x.float() - ref).norm() / ref.norm()).item()
 
@@ -159,22 +164,27 @@ def run_config(b, hq, hkv, l, d, *, methods, timings, device, dtype, flush_buf, 
     v = torch.randn(b, hkv, l, d, device=device, dtype=dtype, generator=gen)
     seqlens = torch.full((b,), l, dtype=torch.int32, device=device)
     scale = d**-0.5
-    kv_bytes = 2 * b * hkv * l * d * k.element_size()
+    n_bytes = kv_bytes(b, hkv, l, d, d, k.element_size())
     rows = min(b, 2)
     ref_px = reference(q, r, k, v, scale, rows)
     ref_sm = None
-    out = {"B": b, "Hq": hq, "Hkv": hkv, "L": l, "D": d, "kv_bytes": kv_bytes, "methods": {}}
+    out = {"B": b, "Hq": hq, "Hkv": hkv, "L": l, "D": d, "kv_bytes": n_bytes, "methods": {}}
     for name in methods:
         res = {}
         try:
-            if name in ("parallax", "parallax_unstacked"):
-                from parallax_compile.kernels import triton_decode as td
-
-                stack_was = td.STACK
-                td.STACK = name == "parallax"
-
+            if name == "parallax":
                 def fn(q=q, r=r, k=k, v=v):
                     return parallax_attention_with_kvcache(q, r, k, v, cache_seqlens=seqlens, scale=scale)
+
+                res["error"] = _rel(fn()[:rows], ref_px)
+                ok = res["error"] <= 2e-2
+            elif name == "parallax_unstacked":
+                from parallax_compile.kernels import triton_decode as td
+
+                unstacked = td.DecodeVariant(mode="unstack")
+
+                def fn(q=q, r=r, k=k, v=v, unstacked=unstacked):
+                    return td.parallax_decode(q, r, k, v, seqlens, None, scale, None, variant=unstacked)
 
                 res["error"] = _rel(fn()[:rows], ref_px)
                 ok = res["error"] <= 2e-2
@@ -202,16 +212,13 @@ def run_config(b, hq, hkv, l, d, *, methods, timings, device, dtype, flush_buf, 
             elif device == "cuda":
                 for t in timings:
                     us = _time_graph(fn, t, flush_buf)
-                    res[t] = {"us": round(us, 2), "tbps": round(kv_bytes / (us * 1e-6) / 1e12, 3),
-                              "frac_hbm": round(kv_bytes / (us * 1e-6) / 1e12 / HBM_TBPS, 3)}
+                    res[t] = {"us": round(us, 2), "tbps": round(n_bytes / (us * 1e-6) / 1e12, 3),
+                              "frac_hbm": round(n_bytes / (us * 1e-6) / 1e12 / HBM_TBPS, 3)}
                 res["status"] = "ok"
             else:
                 res["status"] = "checked (no timing without CUDA)"
         except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             res = {"status": f"not available: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        finally:
-            if name in ("parallax", "parallax_unstacked"):
-                td.STACK = stack_was
         out["methods"][name] = res
     if "fla_decode_one_step" in methods:
         torch.cuda.empty_cache() if device == "cuda" else None

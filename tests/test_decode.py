@@ -115,6 +115,9 @@ def oracle(c, window_size=None, scale=None):
     """float64 per-sequence reference on each sequence's cache prefix."""
     outs = []
     for i, n in enumerate(c["cache_seqlens"].tolist()):
+        if n == 0:  # an empty cache: no row sees a key, the output is 0 (the reference needs Lk >= 1)
+            outs.append(torch.zeros(1, *c["q"].shape[1:3], c["v"].shape[-1], dtype=F64, device=c["q"].device))
+            continue
         args = (c["q"][i:i + 1], c["r"][i:i + 1], c["k"][i:i + 1, :, :n], c["v"][i:i + 1, :, :n])
         outs.append(parallax_attention_ref(*(t.to(F64) for t in args), causal=True, window_size=window_size,
                                            scale=scale))
@@ -128,9 +131,11 @@ def _call(fn, c, paged, **kw):
     return fn(c["q"], c["r"], c["k"], c["v"], cache_seqlens=c["cache_seqlens"], **kw)
 
 
-def _kernel(q, r, k, v, *, cache_seqlens, block_table=None, window_size=None, num_splits=None, scale=None):
+def _kernel(q, r, k, v, *, cache_seqlens, block_table=None, window_size=None, num_splits=None, scale=None,
+            variant=None):
     s = q.shape[-1] ** -0.5 if scale is None else scale
-    return td.parallax_decode(q, r, k, v, cache_seqlens, block_table, s, window_size, num_splits=num_splits)
+    return td.parallax_decode(q, r, k, v, cache_seqlens, block_table, s, window_size, num_splits=num_splits,
+                              variant=variant)
 
 
 # (B, Hq, Hkv, Lq, D, seqlens, L_max, window, block_size, num_splits, dtype)
@@ -156,13 +161,63 @@ def test_triton_decode_kernel_matches_oracle(b, hq, hkv, lq, d, seqlens, l_max, 
     assert _rel(out, oracle(c, window)) <= TOL[dtype]
 
 
+# (B, Hq, Hkv, Lq, D, seqlens, L_max, window, block_size, num_splits, dtype): G * Lq == 1 (the
+# "vector" mode runs) and G * Lq > 1 ("vector" falls back to the stacked tile); lengths 0 and full
+VARIANT_CASES = [
+    pytest.param(3, 2, 2, 1, 40, [0, 37, 48], 48, 9, 8, 3, torch.float32, id="mha-paged-window-len0-full"),
+    pytest.param(2, 3, 3, 1, 64, [64, 21], 64, None, None, None, torch.bfloat16, id="mha-bf16-auto-splits"),
+    pytest.param(2, 2, 2, 1, 32, [300, 77], 300, None, None, 15, torch.float32, id="mha-ten-splits"),
+    pytest.param(2, 4, 2, 2, 32, [33, 2], 40, 6, 5, 4, torch.float32, id="gqa-paged-bs5-lq2-window"),
+    pytest.param(2, 4, 1, 1, 48, [50, 17], 50, 11, None, 2, torch.float16, id="mqa-fp16-window"),
+]
+VARIANTS = {
+    "stack-16x4x1": {"tile": (16, 4, 1)},
+    "unstack-32x4x2-wide": {"mode": "unstack", "tile": (32, 4, 2), "merge": "wide"},
+    "vector-16x4x1": {"mode": "vector", "tile": (16, 4, 1)},
+    "vector-auto-wide": {"mode": "vector", "merge": "wide"},
+    "stack-pps0.5": {"programs_per_sm": 0.5},
+}
+
+
 @needs_kernel
-def test_triton_decode_unstacked_variant(monkeypatch):
-    """``PARALLAX_DECODE_STACK=0`` (two GEMMs per product instead of the stacked [q; r] tile)."""
-    monkeypatch.setattr(td, "STACK", False)
-    c = make_case(8, 2, 4, 2, 2, 32, [40, 9], 48, block_size=8)
-    out = _call(_kernel, c, True, window_size=12, num_splits=3)
-    assert _rel(out, oracle(c, 12)) <= 1e-5
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("b,hq,hkv,lq,d,seqlens,l_max,window,bs,splits,dtype", VARIANT_CASES)
+def test_triton_decode_variants_match_oracle(variant, b, hq, hkv, lq, d, seqlens, l_max, window, bs, splits,
+                                             dtype):
+    """Every :class:`DecodeVariant` (mode, explicit tile, split rule, merge) against the oracle."""
+    c = make_case(2, b, hq, hkv, lq, d, seqlens, l_max, block_size=bs, dtype=dtype)
+    out = _call(_kernel, c, bs is not None, window_size=window, num_splits=splits,
+                variant=td.DecodeVariant(**VARIANTS[variant]))
+    assert out.shape == (b, hq, lq, d) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert _rel(out, oracle(c, window)) <= TOL[dtype]
+    if 0 in seqlens:
+        assert (out[seqlens.index(0)] == 0).all()  # no key: 0
+
+
+@needs_kernel
+def test_triton_decode_variant_rules():
+    """Dispatch classes of the sweep's shapes, the table's default, bad variants, the tile fallback."""
+    assert td.shape_class(32, 8, 8, 1, 128, 128, 16384, 132) == ("one", 128, "wide", "short")
+    assert td.shape_class(1, 32, 8, 1, 128, 128, 32768, 132) == ("group", 128, "narrow", "short")
+    assert td.shape_class(8, 4, 1, 1, 256, 256, 32768, 132) == ("group", 256, "narrow", "short")
+    assert td.shape_class(1, 8, 8, 1, 128, 128, 131072, 132) == ("one", 128, "narrow", "long")
+    assert td.shape_class(4, 8, 8, 2, 64, 64, 100, 132) == ("group", 128, "narrow", "short")  # Lq 2: a group
+    assert td.pick_variant(2, 4, 4, 3, 96, 96, 999, 132) == td.DecodeVariant()  # class not in the table
+    n, chunk = td.split_plan(1, 8, 16384, 132, td.DecodeVariant())
+    assert chunk % td.SPLIT_GRANULE == 0 and (n - 1) * chunk < 16384 <= n * chunk  # tile L_max, none empty
+    assert n <= td.pick_num_splits(1, 8, 16384, 132) and td.split_plan(1, 8, 16384, 132, td.DecodeVariant(
+        programs_per_sm=0.5))[0] < n
+    assert td.split_plan(1, 8, 16384, 132, td.DecodeVariant(num_splits=5), num_splits=3)[0] == 3  # caller's
+    for bad in ({"mode": "gemv"}, {"merge": "atomic"}, {"tile": (48, 4, 2)}, {"tile": (64, 4)},
+                {"programs_per_sm": 0}, {"num_splits": 0}):
+        with pytest.raises(ValueError, match="DecodeVariant"):
+            td.DecodeVariant(**bad)
+    assert not td.tile_fits((128, 4, 4), 256, 256, 4)  # fp32 D=256: the launch autotunes instead
+    c = make_case(3, 1, 2, 2, 1, 256, [20], 20)
+    out = _kernel(c["q"], c["r"], c["k"], c["v"], cache_seqlens=c["cache_seqlens"], num_splits=2,
+                  variant=td.DecodeVariant(mode="vector", tile=(128, 4, 4)))
+    assert _rel(out, oracle(c)) <= 1e-5
 
 
 @needs_kernel

@@ -28,13 +28,41 @@ Masking: row ``i`` of sequence ``b`` is at ``p = cache_seqlens[b] - Lq + i`` and
 cover ``[lo, L_b)`` of each sequence in chunks of whole key tiles; a split with no key writes
 ``m = -inf`` and zeros, which the merge ignores. A row with no key gives 0.
 
+Variants (:class:`DecodeVariant`, chosen per call; :func:`pick_variant` when the caller gives none):
+
+* ``mode``: ``"stack"`` (the ``[q; r]`` tile above; at least 8 q rows, padded), ``"unstack"`` (two
+  GEMMs per product, ``q K^T`` and ``r K^T``, ``p V`` and ``(p*g) V``, on the same K/V registers; at
+  least 16 rows each) or ``"vector"`` (only ``G * Lq == 1``, one query row per program:
+  :func:`parallax_decode_vec_kernel`, no tensor cores and no padded rows: ``q . k`` and ``r . k``
+  are a broadcast multiply and a sum over ``D``, ``O1 += p V`` and ``O2 += (p*g) V`` sums over
+  the key tile; same partials and merge). All three read each K/V tile from HBM once.
+* ``tile``: ``(BLOCK_N, num_warps, num_stages)``, or None to autotune over ``_TILES``.
+* splits: ``num_splits`` when given (the caller's ``num_splits`` wins over the variant's), else
+  :func:`pick_num_splits` with the variant's ``programs_per_sm`` and ``min_split_granules``; one
+  split writes the output directly (no merge launch).
+* ``merge``: ``"rows"`` (one program per output row over all of ``Dv``, 8 splits per load) or
+  ``"wide"`` (one program per row and 32 columns of ``Dv``, up to 64 splits per load: fewer
+  dependent loads when there are many splits and few rows).
+
+Dispatch rule (:func:`pick_variant`): a shape's class is ``(rows, d, fill, length)`` with
+``rows = "one"`` when ``G * Lq == 1`` (Hq = Hkv decode) else ``"group"``; ``d = 128`` when
+``max(D, Dv) <= 128`` else ``256``; ``fill = "wide"`` when ``B * Hkv >=`` the SM count (enough
+programs without splitting) else ``"narrow"``; ``length = "long"`` when ``L_max >= 65536`` else
+``"short"``. ``_DISPATCH`` maps a class to its variant; a class it does not list gets
+``DecodeVariant()`` (stacked tile, autotuned, 4 programs per SM, row merge: the behaviour before
+variants existed). The entries are measured with ``benchmarks/sweep_decode.py`` on the H200. At
+launch an explicit tile whose K/V stages do not fit ``SMEM_BUDGET`` for the dtype falls back to
+autotuning, and ``"vector"`` with ``G * Lq > 1`` falls back to ``"stack"``.
+
 Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) bf16 GEMM operands are upcast to fp32 (Triton
 3.7's interpreter multiplies bf16 as raw uint16) and the autotuner is bypassed.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,11 +72,17 @@ from torch import Tensor
 from .triton_parallax import _dot  # the one fp32-accumulating tile GEMM (interpreter bf16 upcast)
 
 __all__ = [
+    "DecodeVariant",
     "parallax_decode",
     "parallax_decode_fwd_kernel",
     "parallax_decode_merge_kernel",
+    "parallax_decode_vec_kernel",
     "pick_num_splits",
+    "pick_variant",
+    "shape_class",
+    "split_plan",
     "supports",
+    "tile_fits",
 ]
 
 LOG2E = 1.4426950408889634
@@ -56,11 +90,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Fill fresh allocations with NaN, so an element the kernels forget to write cannot pass a test.
 POISON = os.environ.get("PARALLAX_TRITON_POISON", "0") not in ("", "0")
 MAX_HEAD_DIM = 256
-MAX_GROUP_ROWS = 64
-# `PARALLAX_DECODE_STACK=0`: two GEMMs per product (q K^T and r K^T; p V and (p*g) V) on the same
-# K/V registers instead of one GEMM on the stacked [q; r] tile (same HBM traffic; a fallback and a
-# comparison point for the benchmark).
-STACK = os.environ.get("PARALLAX_DECODE_STACK", "1") not in ("", "0")  # G * Lq rows per program (q rows; the tile holds twice that)
+MAX_GROUP_ROWS = 64  # G * Lq rows per program (q rows; the stacked tile holds twice that)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -76,6 +106,85 @@ AUTOTUNE = os.environ.get("PARALLAX_TRITON_AUTOTUNE", "1") not in ("", "0")
 # (BLOCK_N, warps, stages), in order of preference; at D=128 bf16 the first four compile for sm_90
 # without spills (ptxas: 80-170 registers); the last ones fit D=256 and fp32 in shared memory.
 _TILES = ((64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (64, 4, 2), (64, 4, 1), (32, 4, 2), (32, 4, 1))
+
+
+MODES = ("stack", "unstack", "vector")
+MERGES = ("rows", "wide")
+
+
+@dataclass(frozen=True)
+class DecodeVariant:
+    """How :func:`parallax_decode` runs one call (module docstring, "Variants"). The defaults are
+    the behaviour before variants existed.
+
+    Attributes:
+        mode: ``"stack"``, ``"unstack"`` or ``"vector"`` (``G * Lq == 1`` only).
+        tile: ``(BLOCK_N, num_warps, num_stages)``, or None to autotune over ``_TILES``.
+        programs_per_sm: split target of :func:`pick_num_splits` (programs per SM, > 0).
+        min_split_granules: shortest split of :func:`pick_num_splits`, in ``SPLIT_GRANULE`` keys.
+        num_splits: splits per (sequence, KV head); None: :func:`pick_num_splits`.
+        merge: ``"rows"`` or ``"wide"`` (the merge launch's work split).
+
+    Raises:
+        ValueError: an unknown ``mode`` / ``merge``, a malformed ``tile``, a non-positive count.
+    """
+
+    mode: str = "stack"
+    tile: tuple[int, int, int] | None = None
+    programs_per_sm: float = 4
+    min_split_granules: int = 2
+    num_splits: int | None = None
+    merge: str = "rows"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"DecodeVariant: `mode` must be one of {MODES}, got {self.mode!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"DecodeVariant: `merge` must be one of {MERGES}, got {self.merge!r}")
+        t = self.tile
+        if t is not None and (len(t) != 3 or min(t) < 1 or t[0] & (t[0] - 1) or t[1] & (t[1] - 1)):
+            raise ValueError(f"DecodeVariant: `tile` must be (BLOCK_N, num_warps, num_stages) with BLOCK_N "
+                             f"and num_warps powers of 2, or None, got {t!r}")
+        n = self.num_splits
+        if not self.programs_per_sm > 0 or self.min_split_granules < 1 or (n is not None and n < 1):
+            raise ValueError("DecodeVariant: programs_per_sm, min_split_granules and num_splits must be positive, "
+                             f"got {self.programs_per_sm}, {self.min_split_granules}, {self.num_splits}")
+
+
+def shape_class(b: int, hq: int, hkv: int, lq: int, d: int, dv: int, l_max: int, sm_count: int) -> tuple:
+    """The dispatch class ``(rows, d, fill, length)`` of a decode shape (module docstring)."""
+    rows = "one" if (hq // hkv) * lq == 1 else "group"
+    return (rows, 128 if max(d, dv) <= 128 else 256, "wide" if b * hkv >= sm_count else "narrow",
+            "long" if l_max >= 65536 else "short")
+
+
+# Shape class -> variant. Placeholders: every entry is today's choice (DecodeVariant()) until the
+# H200 sweep (benchmarks/sweep_decode.py) fills it in; a class not listed gets DecodeVariant().
+# Shapes the sweep measures, per class: B32 H8:8 L16k D128 ("one", 128, "wide", "short");
+# B32 and B8 Hq32:8 L16k, B1 Hq32:8 L32k D128 ("group", 128, "wide"/"narrow", "short");
+# B1 H8 L16k D128 ("one", 128, "narrow", "short"); B1 H8 L128k D128 ("one", 128, "narrow", "long");
+# B8 Hq4:1 L32k D256 ("group", 256, "narrow", "short"); B8 H8:8 L16k D256 ("one", 256, "narrow", "short").
+_DISPATCH: dict[tuple, DecodeVariant] = {
+    ("one", 128, "wide", "short"): DecodeVariant(),
+    ("one", 128, "narrow", "short"): DecodeVariant(),
+    ("one", 128, "narrow", "long"): DecodeVariant(),
+    ("group", 128, "wide", "short"): DecodeVariant(),
+    ("group", 128, "narrow", "short"): DecodeVariant(),
+    ("one", 256, "narrow", "short"): DecodeVariant(),
+    ("group", 256, "narrow", "short"): DecodeVariant(),
+}
+
+
+def pick_variant(b: int, hq: int, hkv: int, lq: int, d: int, dv: int, l_max: int,
+                 sm_count: int) -> DecodeVariant:
+    """The variant :func:`parallax_decode` uses when the caller gives none: ``_DISPATCH`` of the
+    shape's :func:`shape_class`, else ``DecodeVariant()``."""
+    return _DISPATCH.get(shape_class(b, hq, hkv, lq, d, dv, l_max, sm_count), DecodeVariant())
+
+
+def tile_fits(tile: tuple[int, int, int], d: int, dv: int, item: int) -> bool:
+    """Whether ``num_stages`` K/V tiles of ``BLOCK_N`` keys (``item``-byte elements) fit ``SMEM_BUDGET``."""
+    return tile[2] * tile[0] * (_block(d) + _block(dv)) * item <= SMEM_BUDGET
 
 
 def _configs() -> list[triton.Config]:
@@ -116,10 +225,28 @@ def _unstack(x, BM: tl.constexpr, X: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(x, (2, BM, X)), (1, 2, 0)))
 
 
-@triton.autotune(configs=_configs(), key=["D", "DV", "G", "LQ", "PAGED", "SPLIT", "STACK", "TILES"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def parallax_decode_fwd_kernel(
+def _load_kv(p_kh, p_vh, block_table, i_b64, o_n, m_n, o_d, o_dv, stride_bt, page_size,
+             stride_kb, stride_kl, stride_vb, stride_vl,
+             D: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr):
+    """Key tile ``[BN, BD]`` and value tile ``[BN, BDV]`` of the keys ``o_n`` of sequence ``i_b64``
+    (contiguous or paged); keys outside ``m_n`` and padded columns read as 0."""
+    if PAGED:
+        b_page = tl.load(block_table + i_b64 * stride_bt + o_n // page_size, mask=m_n, other=0).to(tl.int64)
+        o_row = (o_n % page_size).to(tl.int64)
+        p_k = p_kh + b_page[:, None] * stride_kb + o_row[:, None] * stride_kl + o_d[None, :]
+        p_v = p_vh + b_page[:, None] * stride_vb + o_row[:, None] * stride_vl + o_dv[None, :]
+    else:
+        o_n64 = o_n.to(tl.int64)
+        p_k = p_kh + i_b64 * stride_kb + o_n64[:, None] * stride_kl + o_d[None, :]
+        p_v = p_vh + i_b64 * stride_vb + o_n64[:, None] * stride_vl + o_dv[None, :]
+    b_k = tl.load(p_k, mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)  # [BN, BD]
+    b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv < DV)[None, :], other=0.0)  # [BN, BDV]
+    return b_k, b_v
+
+
+@triton.jit
+def _decode_fwd(
     q, r, k, v, block_table, cache_seqlens, o, part_m, part_d1, part_d2, part_o1, part_o2,
     stride_qb, stride_qh, stride_ql,
     stride_rb, stride_rh, stride_rl,
@@ -174,17 +301,8 @@ def parallax_decode_fwd_kernel(
     for start_n in range(start, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < hi
-        if PAGED:
-            b_page = tl.load(block_table + i_b64 * stride_bt + o_n // page_size, mask=m_n, other=0).to(tl.int64)
-            o_row = (o_n % page_size).to(tl.int64)
-            p_k = p_kh + b_page[:, None] * stride_kb + o_row[:, None] * stride_kl + o_d[None, :]
-            p_v = p_vh + b_page[:, None] * stride_vb + o_row[:, None] * stride_vl + o_dv[None, :]
-        else:
-            o_n64 = o_n.to(tl.int64)
-            p_k = p_kh + i_b64 * stride_kb + o_n64[:, None] * stride_kl + o_d[None, :]
-            p_v = p_vh + i_b64 * stride_vb + o_n64[:, None] * stride_vl + o_dv[None, :]
-        b_k = tl.load(p_k, mask=m_n[:, None] & (o_d < D)[None, :], other=0.0)  # [BN, BD]
-        b_v = tl.load(p_v, mask=m_n[:, None] & (o_dv < DV)[None, :], other=0.0)  # [BN, BDV]
+        b_k, b_v = _load_kv(p_kh, p_vh, block_table, i_b64, o_n, m_n, o_d, o_dv, stride_bt, page_size,
+                            stride_kb, stride_kl, stride_vb, stride_vl, D, DV, PAGED)
         if STACK:
             b_x = _dot(b_qr, tl.trans(b_k), None, PREC, UPCAST)  # [2BM, BN]: [q K^T; r K^T]
             b_s, b_g = _unstack(b_x, BLOCK_M, BLOCK_N)  # logits (raw), probe scores (never scaled)
@@ -232,19 +350,108 @@ def parallax_decode_fwd_kernel(
 
 
 @triton.jit
+def _decode_vec(
+    q, r, k, v, block_table, cache_seqlens, o, part_m, part_d1, part_d2, part_o1, part_o2,
+    stride_qb, stride_qh, stride_ql,
+    stride_rb, stride_rh, stride_rl,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_bt, page_size, chunk, num_splits, qk_scale, WINDOW, TILES,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``G * Lq == 1`` (query head ``i_h`` reads KV head ``i_h``, one new token): grid
+    ``(num_splits, H, B)``, no tensor cores. Per key tile ``s = (K q) * scale``, ``g = K r`` (sums
+    over ``D``), ``O1 += p V``, ``O2 += (p*g) V`` (sums over the tile); same statistics, partials
+    and epilogue as :func:`parallax_decode_fwd_kernel`."""
+    i_s, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64, i_h64 = i_b.to(tl.int64), i_h.to(tl.int64)
+    seq_len = tl.load(cache_seqlens + i_b)
+    b_pos = seq_len - 1  # position of the query token
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < D
+    m_dv = o_dv < DV
+    b_q = tl.load(q + i_b64 * stride_qb + i_h64 * stride_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_q = b_q * qk_scale  # [BD]: logits come out in base-2 units
+    b_r = tl.load(r + i_b64 * stride_rb + i_h64 * stride_rh + o_d, mask=m_d, other=0.0).to(tl.float32)
+
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - 1 - WINDOW + 1, 0)
+    s_lo = i_s * chunk
+    hi = tl.minimum(seq_len, s_lo + chunk)
+    start = tl.maximum(s_lo, (lo // BLOCK_N) * BLOCK_N)
+
+    b_m = tl.full([], float("-inf"), tl.float32)
+    b_d1 = tl.full([], 0.0, tl.float32)
+    b_d2 = tl.full([], 0.0, tl.float32)
+    b_o1 = tl.zeros([BLOCK_DV], tl.float32)
+    b_o2 = tl.zeros([BLOCK_DV], tl.float32)
+    p_kh = k + i_h64 * stride_kh
+    p_vh = v + i_h64 * stride_vh
+    for start_n in range(start, hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < hi
+        b_k, b_v = _load_kv(p_kh, p_vh, block_table, i_b64, o_n, m_n, o_d, o_dv, stride_bt, page_size,
+                            stride_kb, stride_kl, stride_vb, stride_vl, D, DV, PAGED)
+        b_k = b_k.to(tl.float32)
+        b_s = tl.sum(b_k * b_q[None, :], 1)  # [BN] base-2 logits
+        b_g = tl.sum(b_k * b_r[None, :], 1)  # [BN] probe scores (never scaled)
+        keep = m_n & (o_n <= b_pos)
+        if HAS_WINDOW:
+            keep = keep & (o_n > b_pos - WINDOW)
+        b_s = tl.where(keep, b_s, float("-inf"))
+        b_mnew = tl.maximum(b_m, tl.max(b_s, 0))
+        b_mref = tl.where(b_mnew == float("-inf"), 0.0, b_mnew)
+        b_p = tl.exp2(b_s - b_mref)  # [BN]
+        b_alpha = tl.exp2(b_m - b_mref)
+        b_pg = b_p * b_g
+        b_d1 = b_d1 * b_alpha + tl.sum(b_p, 0)
+        b_d2 = b_d2 * b_alpha + tl.sum(b_pg, 0)
+        b_vf = b_v.to(tl.float32)
+        b_o1 = b_o1 * b_alpha + tl.sum(b_p[:, None] * b_vf, 0)  # [BDV]
+        b_o2 = b_o2 * b_alpha + tl.sum(b_pg[:, None] * b_vf, 0)
+        b_m = b_mnew
+
+    if SPLIT:
+        o_p = (i_b64 * tl.num_programs(1) + i_h64) * num_splits + i_s  # (row of [B, H], split)
+        tl.store(part_m + o_p, b_m)
+        tl.store(part_d1 + o_p, b_d1)
+        tl.store(part_d2 + o_p, b_d2)
+        tl.store(part_o1 + o_p * DV + o_dv, b_o1, mask=m_dv)
+        tl.store(part_o2 + o_p * DV + o_dv, b_o2, mask=m_dv)
+    else:
+        b_empty = b_m == float("-inf")
+        b_inv = tl.where(b_empty, 0.0, 1.0 / tl.where(b_empty, 1.0, b_d1))
+        b_out = b_o1 * b_inv * (1.0 + b_d2 * b_inv) - b_o2 * b_inv
+        tl.store(o + i_b64 * stride_ob + i_h64 * stride_oh + o_dv, b_out.to(o.dtype.element_ty), mask=m_dv)
+
+
+parallax_decode_fwd_kernel = triton.autotune(
+    configs=_configs(), key=["D", "DV", "G", "LQ", "PAGED", "SPLIT", "STACK", "TILES"],
+    prune_configs_by={"early_config_prune": _prune})(_decode_fwd)
+parallax_decode_vec_kernel = triton.autotune(
+    configs=_configs(), key=["D", "DV", "PAGED", "SPLIT", "TILES"],
+    prune_configs_by={"early_config_prune": _prune})(_decode_vec)
+
+
+@triton.jit
 def parallax_decode_merge_kernel(
     part_m, part_d1, part_d2, part_o1, part_o2, o,
     stride_ob, stride_oh, stride_ol, num_splits, HQ, LQ,
     DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
-    """Grid ``(B * Hq * Lq,)``: merge the splits of one row exactly (SPEC section 3): global max
-    over the splits, then ``CHUNK_S`` splits at a time rescaled by ``exp2(m_split - m_max)`` and summed."""
+    """Grid ``(B * Hq * Lq, cdiv(Dv, BLOCK_DV))``: merge the splits of one row (columns
+    ``[i * BLOCK_DV, (i + 1) * BLOCK_DV)`` of ``Dv``) exactly (SPEC section 3): global max over the
+    splits, then ``CHUNK_S`` splits at a time rescaled by ``exp2(m_split - m_max)`` and summed."""
     i_row = tl.program_id(0).to(tl.int64)
     o_s = tl.arange(0, BLOCK_S)
     b_mmax = tl.max(tl.load(part_m + i_row * num_splits + o_s, mask=o_s < num_splits, other=float("-inf")), 0)
     b_mref = tl.where(b_mmax == float("-inf"), 0.0, b_mmax)
     o_c = tl.arange(0, CHUNK_S)
-    o_dv = tl.arange(0, BLOCK_DV)
+    o_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     b_d1 = tl.zeros([CHUNK_S], tl.float32)
     b_d2 = tl.zeros([CHUNK_S], tl.float32)
     b_o1 = tl.zeros([BLOCK_DV], tl.float32)
@@ -288,12 +495,23 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def pick_num_splits(batch: int, hkv: int, l_max: int, sm_count: int) -> int:
-    """Splits per (sequence, KV head): enough programs for about 4 per SM (``4 * sm_count``),
-    each split at least 2 granules (``2 * SPLIT_GRANULE`` keys) long."""
+def pick_num_splits(batch: int, hkv: int, l_max: int, sm_count: int, programs_per_sm: float = 4,
+                    min_split_granules: int = 2) -> int:
+    """Splits per (sequence, KV head): enough programs for about ``programs_per_sm`` per SM, each
+    split at least ``min_split_granules`` granules (``SPLIT_GRANULE`` keys each) long, at most 256."""
     granules = triton.cdiv(max(l_max, 1), SPLIT_GRANULE)
-    want = triton.cdiv(4 * sm_count, max(1, batch * hkv))
-    return max(1, min(want, triton.cdiv(granules, 2), 256))
+    want = triton.cdiv(math.ceil(programs_per_sm * sm_count), max(1, batch * hkv))
+    return max(1, min(want, triton.cdiv(granules, min_split_granules), 256))
+
+
+def split_plan(b: int, hkv: int, l_max: int, sm_count: int, variant: DecodeVariant,
+               num_splits: int | None = None) -> tuple[int, int]:
+    """``(splits, chunk)``: the number of key splits per (sequence, KV head) a launch uses and the
+    keys per split (a multiple of ``SPLIT_GRANULE``; no split starts past ``L_max``)."""
+    splits = num_splits or variant.num_splits or pick_num_splits(
+        b, hkv, l_max, sm_count, variant.programs_per_sm, variant.min_split_granules)
+    chunk = triton.cdiv(triton.cdiv(max(l_max, 1), splits), SPLIT_GRANULE) * SPLIT_GRANULE
+    return max(1, triton.cdiv(max(l_max, 1), chunk)), chunk
 
 
 def _empty(*shape, dtype, device) -> Tensor:
@@ -305,10 +523,11 @@ def _empty(*shape, dtype, device) -> Tensor:
 
 def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                     block_table: Tensor | None, scale: float, window_size: int | None,
-                    num_splits: int | None = None) -> Tensor:
+                    num_splits: int | None = None, variant: DecodeVariant | None = None) -> Tensor:
     """Launch the decode kernel (and the merge when split). Arguments as
     :func:`parallax_compile.decode.parallax_attention_with_kvcache` (already checked), ``scale``
-    resolved to a float. Returns ``[B, Hq, Lq, Dv]`` in ``q``'s dtype."""
+    resolved to a float; ``variant`` picks the implementation (None: :func:`pick_variant`), and
+    ``num_splits``, when given, overrides the variant's. Returns ``[B, Hq, Lq, Dv]`` in ``q``'s dtype."""
     b, hq, lq, d = q.shape
     hkv, dv = k_cache.shape[1], v_cache.shape[-1]
     g = hq // hkv
@@ -319,11 +538,11 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     out = _empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    splits = num_splits or pick_num_splits(b, hkv, l_max, _sm_count(q.device))
-    chunk = triton.cdiv(triton.cdiv(max(l_max, 1), splits), SPLIT_GRANULE) * SPLIT_GRANULE
-    splits = max(1, triton.cdiv(max(l_max, 1), chunk))  # no split starts past L_max
-    stack = STACK
-    block_m = max(8 if stack else 16, triton.next_power_of_2(g * lq))
+    sm_count = _sm_count(q.device)
+    var = variant or pick_variant(b, hq, hkv, lq, d, dv, l_max, sm_count)
+    splits, chunk = split_plan(b, hkv, l_max, sm_count, var, num_splits)
+    vector = var.mode == "vector" and g * lq == 1
+    tile = var.tile if var.tile is not None and tile_fits(var.tile, d, dv, k_cache.element_size()) else None
     split = splits > 1
     if split:
         rows = b * hq * lq
@@ -335,7 +554,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     else:
         part_m = part_d1 = part_d2 = part_o1 = part_o2 = out
     bt = block_table if paged else cache_seqlens
-    parallax_decode_fwd_kernel[(splits, hkv, b)](
+    args = (
         q, r, k_cache, v_cache, bt, cache_seqlens, out, part_m, part_d1, part_d2, part_o1, part_o2,
         q.stride(0), q.stride(1), q.stride(2),
         r.stride(0), r.stride(1), r.stride(2),
@@ -345,16 +564,31 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
         bt.stride(0) if paged else 0, k_cache.shape[2] if paged else 1, chunk, splits,
         scale * LOG2E, window_size if window_size is not None else 0,
         1 if chunk // SPLIT_GRANULE < 8 else 8,  # autotune bucket: short or long splits
-        G=g, LQ=lq, D=d, DV=dv, BLOCK_M=block_m, BLOCK_D=_block(d), BLOCK_DV=_block(dv),
-        HAS_WINDOW=window_size is not None, PAGED=paged, SPLIT=split,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, STACK=stack,
     )
+    consts = {"D": d, "DV": dv, "BLOCK_D": _block(d), "BLOCK_DV": _block(dv),
+              "HAS_WINDOW": window_size is not None,
+                  "PAGED": paged, "SPLIT": split}
+    if vector:
+        kernel = _decode_vec if tile is not None else parallax_decode_vec_kernel
+    else:
+        stack = var.mode == "stack"
+        kernel = _decode_fwd if tile is not None else parallax_decode_fwd_kernel
+        consts |= {"G": g, "LQ": lq, "BLOCK_M": max(8 if stack else 16, triton.next_power_of_2(g * lq)),
+                       "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+                       "UPCAST": INTERPRET and q.dtype == torch.bfloat16, "STACK": stack}
+    if tile is not None:
+        consts |= {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2]}
+    kernel[(splits, hkv, b)](*args, **consts)
     if split:
-        parallax_decode_merge_kernel[(b * hq * lq,)](
+        block_s = max(2, triton.next_power_of_2(splits))
+        if var.merge == "wide":
+            merge_dv, chunk_s = min(32, _block(dv)), min(64, block_s)
+        else:
+            merge_dv, chunk_s = _block(dv), 8
+        parallax_decode_merge_kernel[(b * hq * lq, triton.cdiv(dv, merge_dv))](
             part_m, part_d1, part_d2, part_o1, part_o2, out,
             out.stride(0), out.stride(1), out.stride(2), splits, hq, lq,
-            DV=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=_block(dv), CHUNK_S=8,
+            DV=dv, BLOCK_S=block_s, BLOCK_DV=merge_dv, CHUNK_S=chunk_s,
             num_warps=4,
         )
     return out
