@@ -3,16 +3,19 @@ space on the decode target shapes, beside cuDNN / flash SDPA, in one run of unde
 
 Shapes (bf16, one query token, full cache): B32 H8:8 L16k D128; B32 Hq32:8 L16k D128; B8 Hq32:8
 L16k D128; B1 H8 L16k D128; B1 Hq32:8 L32k D128; B8 Hq4:1 L32k D256; B8 H8:8 L16k D256; B1 H8 L128k
-D128. Per shape, under a share of ``--budget-s`` weighted by the kernels it is the first to
-compile (shape ``i`` starts no new variant after ``t0 + budget * sum(w[:i+1]) / sum(w)``; what is
-cut is listed as skipped):
+D128. First ``--precompile`` worker processes compile every kernel the sweep may launch (~230, a
+few seconds each; jobs not started within ``--precompile-s`` are dropped and compile in line),
+before any timing. Then per shape, under a share of ``--budget-s`` (counted from the start; the
+share is weighted by the kernels a shape is the first to compile when nothing was precompiled;
+shape ``i`` starts no new variant after ``t0 + budget * sum(w[:i+1]) / sum(w)``; what is cut is
+listed as skipped):
 
 1. baselines: ``default`` (``variant=None``: the dispatch table, today's choice), ``sdpa_cudnn``,
    ``sdpa_flash`` (``bench_decode._sdpa``: GQA packed as query rows);
 2. every ``mode`` x ``tile`` that fits shared memory, split rule and merge at their defaults;
 3. for the best tile of each mode: ``programs_per_sm`` in {0.5, 1, 2, 8, 16} (a value giving a
    split count already measured is skipped);
-4. the best variant of each mode with ``merge="wide"`` (when it splits).
+4. the best variant of each mode (when it splits) with ``merge="wide"``, ``pdl=True``, both.
 
 Every variant is first checked on the first two sequences against the float64 oracle
 (:func:`~parallax_compile.reference.parallax_attention_ref`; relative Frobenius error <= 1e-2; SDPA
@@ -36,11 +39,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,8 +68,8 @@ SHAPES = [  # (name, B, Hq, Hkv, L, D)
     ("B1 H8 L128k D128", 1, 8, 8, 131072, 128),
 ]
 TILES = {  # (BLOCK_N, num_warps, num_stages) per head_dim class; the ones over SMEM_BUDGET are dropped
-    128: [(64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (64, 4, 4), (32, 4, 4), (32, 4, 2)],
-    256: [(32, 4, 3), (32, 8, 3), (64, 4, 2), (64, 8, 2), (32, 4, 4), (16, 4, 4), (32, 4, 2)],
+    128: [(64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (64, 4, 4), (32, 4, 4), (64, 4, 1)],
+    256: [(32, 4, 3), (32, 8, 3), (64, 4, 2), (64, 8, 2), (32, 4, 4), (16, 4, 4), (32, 4, 1)],
 }
 PROGRAMS_PER_SM = (0.5, 1, 2, 8, 16)
 ERR_BOUND = 1e-2
@@ -84,7 +91,7 @@ def variant_literal(v: td.DecodeVariant) -> str:
 
 def label(v: td.DecodeVariant) -> str:
     tile = "auto" if v.tile is None else "x".join(map(str, v.tile))
-    return f"{v.mode}/{tile}/pps{v.programs_per_sm:g}/{v.merge}"
+    return f"{v.mode}/{tile}/pps{v.programs_per_sm:g}/{v.merge}" + ("/pdl" if v.pdl else "")
 
 
 def copy_tbps(flush_buf) -> float:
@@ -184,17 +191,36 @@ def first_plan(hq: int, hkv: int, d: int, modes: list[str], item: int = 2) -> li
     return [td.DecodeVariant(mode=m, tile=t) for m in modes for t in tiles]
 
 
-def budget_weights(shapes, modes: list[str]) -> list[float]:
-    """3 + the number of step-2 kernels a shape is the first to compile (they dominate the time)."""
+def budget_weights(shapes, modes: list[str], compiled: bool) -> list[float]:
+    """3 + the number of step-2 kernels a shape is the first to compile (unless precompiled)."""
     seen, out = set(), []
     for _, _, hq, hkv, _, d in shapes:
         keys = {(v.mode, v.tile, d, hq // hkv) for v in first_plan(hq, hkv, d, modes)}
-        out.append(3.0 + len(keys - seen))
+        out.append(3.0 + (0 if compiled else len(keys - seen)))
         seen |= keys
     return out
 
 
-def sweep_shape(s: Shape, modes: list[str], deadline: float, log) -> list[str]:
+def pdl_probe(flush_buf) -> str:
+    """"" when a small split decode with ``pdl=True`` runs, captures and replays in a CUDA graph and
+    matches ``pdl=False``; else why not (the sweep then leaves ``pdl`` out)."""
+    if DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+        return "needs compute capability >= 9"
+    q, r = (torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.full((2,), 4096, dtype=torch.int32, device="cuda")
+    try:
+        outs = [td.parallax_decode(q, r, k, v, lens, None, 0.1, None, num_splits=8,
+                                   variant=td.DecodeVariant(pdl=p)) for p in (False, True)]
+        _time_graph(lambda: td.parallax_decode(q, r, k, v, lens, None, 0.1, None, num_splits=8,
+                                               variant=td.DecodeVariant(pdl=True)), "warm", flush_buf)
+        torch.cuda.synchronize()
+        return "" if torch.equal(outs[0], outs[1]) else "pdl=True differs from pdl=False"
+    except Exception as e:  # noqa: BLE001
+        return _one_line(e)
+
+
+def sweep_shape(s: Shape, modes: list[str], deadline: float, log, pdl: bool = True) -> list[str]:
     """Run the four steps of the module docstring on one shape; returns the labels cut by the deadline."""
     for key, call in (("default", lambda: s.variant(None)), ("sdpa_cudnn", lambda: s.sdpa("cudnn")),
                       ("sdpa_flash", lambda: s.sdpa("flash"))):
@@ -229,8 +255,87 @@ def sweep_shape(s: Shape, modes: list[str], deadline: float, log) -> list[str]:
     for m in best_of:
         keys = [k for k, x in s.results.items() if x.get("variant", {}).get("mode") == m and k != "default"]
         if (k := s.best(keys)) is not None and s.results[k]["splits"] > 1:
-            run([dataclasses.replace(td.DecodeVariant(**s.results[k]["variant"]), merge="wide")])
+            v = td.DecodeVariant(**s.results[k]["variant"])
+            more = [dataclasses.replace(v, merge="wide")]
+            if pdl:
+                more += [dataclasses.replace(v, pdl=True), dataclasses.replace(v, merge="wide", pdl=True)]
+            run(more)
     return skipped
+
+
+# ------------------------------------------------------------------ precompiling in parallel processes
+# Triton compiles one kernel at a time per process (seconds each); the sweep needs ~100. Before any
+# timing, worker processes run one small decode call per kernel the sweep may launch, which fills
+# the on-disk Triton cache; the measuring process then loads the binaries. The scalars that vary
+# per call (split count, chunk) are not specialised on (triton_decode._NO_SPECIALIZE), so a small
+# input compiles the same kernel as the real shape.
+
+_WORKER_INPUTS: dict = {}
+
+
+def _precompile_job(job) -> str:
+    device, hq, hkv, d, fields, num_splits = job
+    key = (device, hq, hkv, d)
+    if key not in _WORKER_INPUTS:
+        _WORKER_INPUTS.clear()
+        l = max(num_splits, 256) * td.SPLIT_GRANULE  # room for 256 splits
+        q, r = (torch.randn(1, hq, 1, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(1, hkv, l, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+        _WORKER_INPUTS[key] = (q, r, k, v, torch.full((1,), l, dtype=torch.int32, device=device))
+    q, r, k, v, lens = _WORKER_INPUTS[key]
+    try:
+        td.parallax_decode(q, r, k, v, lens, None, d**-0.5, None, num_splits=num_splits,
+                           variant=td.DecodeVariant(**fields))
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # noqa: BLE001 - reported again (and recorded) when the sweep runs the variant
+        return _one_line(e)
+
+
+def precompile_jobs(shapes, modes: list[str], sm_count: int) -> list[tuple]:
+    """One job per distinct kernel (main and merge launch) the sweep may compile for ``shapes``."""
+    jobs, merge_only, seen = [], [], set()
+
+    def add(hq, hkv, d, v, n):
+        main = (hq // hkv, d, v.mode, v.tile, n > 1, v.pdl and n > 1)
+        merge = (d, triton.next_power_of_2(n), v.merge, v.pdl) if n > 1 else None
+        if main in seen and (merge is None or merge in seen):
+            return
+        # jobs that only add a merge kernel go last: their split kernel is compiled by then
+        (merge_only if main in seen else jobs).append((DEVICE, hq, hkv, d, dataclasses.asdict(v), n))
+        seen.update({main, merge})
+
+    for _, b, hq, hkv, l, d in shapes:
+        default = td.pick_variant(b, hq, hkv, 1, d, d, l, sm_count)
+        add(hq, hkv, d, default, td.split_plan(b, hkv, l, sm_count, default)[0])
+        for v in first_plan(hq, hkv, d, modes):
+            counts = {td.split_plan(b, hkv, l, sm_count, dataclasses.replace(v, programs_per_sm=p))[0]
+                      for p in (v.programs_per_sm, *PROGRAMS_PER_SM)}
+            for n in sorted(counts):
+                for merge, pdl in (("rows", False), ("wide", False), ("rows", True), ("wide", True)):
+                    if n > 1 or (merge, pdl) == ("rows", False):
+                        add(hq, hkv, d, dataclasses.replace(v, merge=merge, pdl=pdl), n)
+    return jobs + merge_only
+
+
+def precompile(shapes, modes: list[str], sm_count: int, workers: int, limit_s: float) -> dict:
+    """Run :func:`precompile_jobs` on ``workers`` processes; jobs not started after ``limit_s`` are
+    dropped (those kernels then compile in line)."""
+    jobs = precompile_jobs(shapes, modes, sm_count)
+    t = time.perf_counter()
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    futures = [ex.submit(_precompile_job, job) for job in jobs]
+    wait(futures, timeout=limit_s)
+    ex.shutdown(wait=True, cancel_futures=True)
+    ran = [f.result() for f in futures if f.done() and not f.cancelled()]
+    errors = [e for e in ran if e]
+    out = {"kernels": len(jobs), "done": len(ran), "workers": workers,
+           "wall_s": round(time.perf_counter() - t, 1), "errors": len(errors),
+           "first_errors": sorted(set(errors))[:5]}
+    print(f"precompiled {out['done']} of {out['kernels']} kernels with {workers} processes in "
+          f"{out['wall_s']} s ({out['errors']} failed: {out['first_errors']})", flush=True)
+    return out
 
 
 def dispatch_suggestion(shapes: list[Shape]) -> dict:
@@ -274,6 +379,9 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default=",".join(td.MODES),
                     help="comma-separated subset of " + ",".join(td.MODES))
     ap.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--precompile", type=int, default=min(14, max(0, (os.cpu_count() or 2) - 2)),
+                    help="processes that compile the kernels before the timing starts (0: compile in line)")
+    ap.add_argument("--precompile-s", type=float, default=90.0, help="start no precompile job after this")
     args = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("sweep_decode.py needs a CUDA GPU")
@@ -283,15 +391,22 @@ def main(argv=None) -> None:
     if bad:
         sys.exit(f"--modes: unknown {bad}; expected a subset of {td.MODES}")
     picked = [SHAPES[int(i)] for i in args.shapes.split(",") if i] if args.shapes else SHAPES
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
+    compiled = None
+    if args.precompile > 0:
+        compiled = precompile(picked, modes, sm_count, args.precompile, args.precompile_s)
     flush_buf, sm_count, copy = device_setup()
+    no_pdl = pdl_probe(flush_buf)
+    print(f"pdl: {no_pdl or 'ok'}", flush=True)
     print(f"{_machine()}\ncopy bandwidth (1 GiB copy_, flushed): {copy:.3f} TB/s; budget {args.budget_s} s",
           flush=True)
     doc = {"machine": _machine(), "copy_tbps": round(copy, 3), "hbm_tbps": HBM_TBPS, "err_bound": ERR_BOUND,
-           "budget_s": args.budget_s, "modes": modes, "shapes": []}
+           "budget_s": args.budget_s, "modes": modes, "precompile": compiled,
+           "pdl": no_pdl or "ok", "shapes": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     done: list[Shape] = []
     broken = None
-    weights = budget_weights(picked, modes)
+    weights = budget_weights(picked, modes, compiled is not None)
     for i, (name, b, hq, hkv, l, d) in enumerate(picked):
         deadline = t0 + args.budget_s * sum(weights[:i + 1]) / sum(weights)
         s = Shape(name, b, hq, hkv, l, d, sm_count, copy, flush_buf)
@@ -300,13 +415,13 @@ def main(argv=None) -> None:
                  "kv_bytes": s.bytes, "results": s.results}
         doc["shapes"].append(entry)
         try:
-            skipped = sweep_shape(s, modes, deadline, _log)
+            skipped = sweep_shape(s, modes, deadline, _log, pdl=not no_pdl)
         except Exception as e:  # noqa: BLE001 - a broken CUDA context: keep what was measured
             broken = _one_line(e)
             skipped = ["(run stopped)"]
         best = s.best()
         entry |= {"skipped": skipped, "best": best}
-        for k in (best, "default", "sdpa_cudnn", "sdpa_flash"):
+        for k in dict.fromkeys((best, "default", "sdpa_cudnn", "sdpa_flash")):
             if k and s.us(k):
                 print(f"  -> {k}: {s.us(k)} us, {s.results[k]['flushed']['tbps']} TB/s"
                       + (f" ({s.results[k].get('literal')})" if k == best else ""), flush=True)

@@ -43,6 +43,11 @@ Variants (:class:`DecodeVariant`, chosen per call; :func:`pick_variant` when the
 * ``merge``: ``"rows"`` (one program per output row over all of ``Dv``, 8 splits per load) or
   ``"wide"`` (one program per row and 32 columns of ``Dv``, up to 64 splits per load: fewer
   dependent loads when there are many splits and few rows).
+* ``pdl``: launch the merge with programmatic dependent launch (Hopper and newer; ignored
+  elsewhere): the split kernel signals ``griddepcontrol.launch_dependents`` once its key loop is
+  done, the merge grid starts then and waits (``griddepcontrol.wait``) for the split kernel's
+  completion and memory before it reads the partials: the second launch's latency overlaps the
+  first launch's tail.
 
 Dispatch rule (:func:`pick_variant`): a shape's class is ``(rows, d, fill, length)`` with
 ``rows = "one"`` when ``G * Lq == 1`` (Hq = Hkv decode) else ``"group"``; ``d = 128`` when
@@ -124,6 +129,7 @@ class DecodeVariant:
         min_split_granules: shortest split of :func:`pick_num_splits`, in ``SPLIT_GRANULE`` keys.
         num_splits: splits per (sequence, KV head); None: :func:`pick_num_splits`.
         merge: ``"rows"`` or ``"wide"`` (the merge launch's work split).
+        pdl: overlap the merge launch with the split kernel's tail (programmatic dependent launch).
 
     Raises:
         ValueError: an unknown ``mode`` / ``merge``, a malformed ``tile``, a non-positive count.
@@ -135,6 +141,7 @@ class DecodeVariant:
     min_split_granules: int = 2
     num_splits: int | None = None
     merge: str = "rows"
+    pdl: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -187,10 +194,11 @@ def tile_fits(tile: tuple[int, int, int], d: int, dv: int, item: int) -> bool:
     return tile[2] * tile[0] * (_block(d) + _block(dv)) * item <= SMEM_BUDGET
 
 
-def _configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _TILES]
+def _configs(vec: bool = False) -> list[triton.Config]:
+    """``_TILES`` as autotune configurations (``vec``: the vector kernel takes the stages as ``STAGES`` too)."""
+    tiles = ((16, 4, 1),) if INTERPRET else _TILES
+    return [triton.Config({"BLOCK_N": bn} | ({"STAGES": s} if vec else {}), num_warps=w, num_stages=s)
+            for bn, w, s in tiles]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -245,7 +253,12 @@ def _load_kv(p_kh, p_vh, block_table, i_b64, o_n, m_n, o_d, o_dv, stride_bt, pag
     return b_k, b_v
 
 
-@triton.jit
+# Per-call scalars whose value would otherwise pick a specialisation (== 1, divisible by 16): one
+# compiled kernel serves every split count and window.
+_NO_SPECIALIZE = ["chunk", "num_splits", "WINDOW", "TILES"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _decode_fwd(
     q, r, k, v, block_table, cache_seqlens, o, part_m, part_d1, part_d2, part_o1, part_o2,
     stride_qb, stride_qh, stride_ql,
@@ -257,7 +270,7 @@ def _decode_fwd(
     G: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, STACK: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, STACK: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(num_splits, Hkv, B)``. Writes ``o`` (one split) or the partials (several)."""
     i_s, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -329,6 +342,8 @@ def _decode_fwd(
             b_o2 = _dot(b_pg.to(b_v.dtype), b_v, b_o2 * b_alpha[:, None], PREC, UPCAST)
         b_m = b_mnew
 
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the merge grid may start; it waits for our stores
     if STACK:
         b_o1, b_o2 = _unstack(b_o, BLOCK_M, BLOCK_DV)  # [BM, BDV] each
     if SPLIT:
@@ -349,7 +364,7 @@ def _decode_fwd(
         tl.store(p_o, b_out.to(o.dtype.element_ty), mask=m_t[:, None] & (o_dv < DV)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _decode_vec(
     q, r, k, v, block_table, cache_seqlens, o, part_m, part_d1, part_d2, part_o1, part_o2,
     stride_qb, stride_qh, stride_ql,
@@ -359,7 +374,8 @@ def _decode_vec(
     stride_ob, stride_oh, stride_ol,
     stride_bt, page_size, chunk, num_splits, qk_scale, WINDOW, TILES,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     """``G * Lq == 1`` (query head ``i_h`` reads KV head ``i_h``, one new token): grid
     ``(num_splits, H, B)``, no tensor cores. Per key tile ``s = (K q) * scale``, ``g = K r`` (sums
@@ -391,7 +407,9 @@ def _decode_vec(
     b_o2 = tl.zeros([BLOCK_DV], tl.float32)
     p_kh = k + i_h64 * stride_kh
     p_vh = v + i_h64 * stride_vh
-    for start_n in range(start, hi, BLOCK_N):
+    # explicit stages: Triton software-pipelines (cp.async) only the loads that feed a tl.dot unless
+    # the loop asks for it
+    for start_n in tl.range(start, hi, BLOCK_N, num_stages=STAGES):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < hi
         b_k, b_v = _load_kv(p_kh, p_vh, block_table, i_b64, o_n, m_n, o_d, o_dv, stride_bt, page_size,
@@ -415,6 +433,8 @@ def _decode_vec(
         b_o2 = b_o2 * b_alpha + tl.sum(b_pg[:, None] * b_vf, 0)
         b_m = b_mnew
 
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     if SPLIT:
         o_p = (i_b64 * tl.num_programs(1) + i_h64) * num_splits + i_s  # (row of [B, H], split)
         tl.store(part_m + o_p, b_m)
@@ -433,19 +453,22 @@ parallax_decode_fwd_kernel = triton.autotune(
     configs=_configs(), key=["D", "DV", "G", "LQ", "PAGED", "SPLIT", "STACK", "TILES"],
     prune_configs_by={"early_config_prune": _prune})(_decode_fwd)
 parallax_decode_vec_kernel = triton.autotune(
-    configs=_configs(), key=["D", "DV", "PAGED", "SPLIT", "TILES"],
+    configs=_configs(vec=True), key=["D", "DV", "PAGED", "SPLIT", "TILES"],
     prune_configs_by={"early_config_prune": _prune})(_decode_vec)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "HQ", "LQ"])
 def parallax_decode_merge_kernel(
     part_m, part_d1, part_d2, part_o1, part_o2, o,
     stride_ob, stride_oh, stride_ol, num_splits, HQ, LQ,
-    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK_S: tl.constexpr,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B * Hq * Lq, cdiv(Dv, BLOCK_DV))``: merge the splits of one row (columns
     ``[i * BLOCK_DV, (i + 1) * BLOCK_DV)`` of ``Dv``) exactly (SPEC section 3): global max over the
-    splits, then ``CHUNK_S`` splits at a time rescaled by ``exp2(m_split - m_max)`` and summed."""
+    splits, then ``CHUNK_S`` splits at a time rescaled by ``exp2(m_split - m_max)`` and summed.
+    ``PDL``: launched as a programmatic dependent of the split kernel: wait for its results first."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     i_row = tl.program_id(0).to(tl.int64)
     o_s = tl.arange(0, BLOCK_S)
     b_mmax = tl.max(tl.load(part_m + i_row * num_splits + o_s, mask=o_s < num_splits, other=float("-inf")), 0)
@@ -514,6 +537,11 @@ def split_plan(b: int, hkv: int, l_max: int, sm_count: int, variant: DecodeVaria
     return max(1, triton.cdiv(max(l_max, 1), chunk)), chunk
 
 
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled CUDA on compute capability >= 9 (never the interpreter)."""
+    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _empty(*shape, dtype, device) -> Tensor:
     out = torch.empty(*shape, dtype=dtype, device=device)
     if POISON:
@@ -544,6 +572,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     vector = var.mode == "vector" and g * lq == 1
     tile = var.tile if var.tile is not None and tile_fits(var.tile, d, dv, k_cache.element_size()) else None
     split = splits > 1
+    pdl = var.pdl and split and _has_pdl(q.device)
     if split:
         rows = b * hq * lq
         part_m = _empty(rows * splits, dtype=torch.float32, device=q.device)
@@ -567,7 +596,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     )
     consts = {"D": d, "DV": dv, "BLOCK_D": _block(d), "BLOCK_DV": _block(dv),
               "HAS_WINDOW": window_size is not None,
-                  "PAGED": paged, "SPLIT": split}
+                  "PAGED": paged, "SPLIT": split, "PDL": pdl}
     if vector:
         kernel = _decode_vec if tile is not None else parallax_decode_vec_kernel
     else:
@@ -578,6 +607,8 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
                        "UPCAST": INTERPRET and q.dtype == torch.bfloat16, "STACK": stack}
     if tile is not None:
         consts |= {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2]}
+        if vector:
+            consts["STAGES"] = tile[2]
     kernel[(splits, hkv, b)](*args, **consts)
     if split:
         block_s = max(2, triton.next_power_of_2(splits))
@@ -588,7 +619,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
         parallax_decode_merge_kernel[(b * hq * lq, triton.cdiv(dv, merge_dv))](
             part_m, part_d1, part_d2, part_o1, part_o2, out,
             out.stride(0), out.stride(1), out.stride(2), splits, hq, lq,
-            DV=dv, BLOCK_S=block_s, BLOCK_DV=merge_dv, CHUNK_S=chunk_s,
-            num_warps=4,
+            DV=dv, BLOCK_S=block_s, BLOCK_DV=merge_dv, CHUNK_S=chunk_s, PDL=pdl,
+            num_warps=4, **({"launch_pdl": True} if pdl else {}),
         )
     return out
