@@ -400,7 +400,7 @@ def _convert_for_export(model: str, seq_len, batch_size, *, upgrade_hf: bool = F
             return dict(source=loaded.model, example_inputs=None, dynamic_shapes=None, module=loaded.model,
                         inputs=inputs, valid=loaded.valid_positions, tokenizer_dir=tokenizer_dir)
         except NotUpgradable as e:
-            err.print(f"[yellow]note[/]: {e}\n  -> exporting the converted graph instead (no KV cache)")
+            err.print(f"[yellow]note[/]: {e}\n  -> exporting the converted graph instead")
     with _step("Converting (capture, match, rewrite, verify)"):
         gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
                                   valid_positions=loaded.valid_positions)
@@ -442,11 +442,12 @@ def _refuse_output_option(ctx, _param, value):
 def export_onnx_cmd(model: str, out_dir: Path, opset, fp16: bool, accumulate: str, new_tokens: int, seq_len,
                     batch_size, as_json: bool) -> None:
     """Convert MODEL (or take a saved conversion directory) and write OUT_DIR/model.onnx as
-    optimum-cli does (named inputs, outputs and dims; config and tokenizer beside it; a Hugging
-    Face decoder with its KV cache: past_key_values.N.key/value in, present.N.key/value out).
-    Then check it in ONNX Runtime: the max relative error against PyTorch (non-padding
-    positions) and, for decoders, greedy generation token by token against model.generate.
-    Exits 1 when the error exceeds the tolerance or the tokens differ."""
+    optimum-cli does (named inputs, outputs and dims; config and tokenizer beside it; a decoder
+    with its KV cache: past_key_values.N.key/value in, present.N.key/value out; a graph model is
+    cached only when that is exact, otherwise a note says why). Then check it in ONNX Runtime:
+    the max relative error against PyTorch (non-padding positions) and, for decoders, greedy
+    generation token by token against PyTorch (model.generate; for graph models, recomputing the
+    whole prefix each step). Exits 1 when the error exceeds the tolerance or the tokens differ."""
     from .export.onnx_dir import export_onnx_dir
     from .export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYPE
 
@@ -461,6 +462,8 @@ def export_onnx_cmd(model: str, out_dir: Path, opset, fp16: bool, accumulate: st
                                  example_inputs=job["example_inputs"], dynamic_shapes=job["dynamic_shapes"],
                                  valid=job["valid"], tokenizer_dir=job["tokenizer_dir"], config=job.get("config"),
                                  opset=opset, fp16=fp16, accumulate=accumulate, new_tokens=new_tokens)
+    if report.kv_cache_note:
+        err.print(f"[yellow]note[/]: model.onnx has no KV cache: {report.kv_cache_note}", highlight=False)
     console.print(f"wrote {out_dir}/: {', '.join(report.files)}; {report.parallax_nodes} {DOMAIN}::{OP_TYPE} "
                   f"v{DOMAIN_VERSION} node(s), opset {report.opset}; checker (full) OK")
     for kind, names in (("inputs: ", report.inputs), ("outputs:", report.outputs)):

@@ -10,11 +10,18 @@ model-local function that stock ONNX Runtime inlines.
   and at other ones; ``onnx.checker`` full check; the custom-domain node and its version.
 * fp16 export runs in ORT and stays close to the fp32 model.
 * Gemma 3 270M (real weights, ``real_model``): one export at a short length, ORT vs PyTorch.
+* Decoders with a KV cache: a tiny Llama upgraded in place; and graph conversions (the default
+  nanoGPT, nanoGPT-style toys): the transformed graph fed in chunks equals one full pass, ORT
+  token by token equals PyTorch recomputing the whole prefix at every step (live probes, fresh
+  prompts of odd lengths, batch > 1), from a saved directory through the CLI too; a graph whose
+  positions or attention cannot be cached exactly is refused with one line.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -350,3 +357,243 @@ def test_directory_refuses_a_file_name(tmp_path):
 
     with pytest.raises(ValueError, match="expected a directory"):
         export_onnx_dir(tmp_path / "model.onnx", torch.nn.Linear(2, 2), {})
+
+
+# --- a causal decoder converted as a graph, with its KV cache ----------------------------------------
+
+
+class ToyDecoder(torch.nn.Module):
+    """One causal block, nanoGPT-style (fused ``c_attn``, a registered ``tril`` buffer sliced to
+    the length, ``masked_fill``), with the position form and attention variant under test:
+    ``positions``: ``"arange"`` (learned table indexed by ``arange(0, T)``), ``"cumsum"``
+    (``cumsum(ones_like(idx)) - 1``) or ``"sliced"`` (a table sliced ``[:T]``); ``attention``:
+    ``"masked"``, ``"sdpa"`` (``is_causal=True``) or ``"bidirectional"``; ``mask_input``: the
+    forward also takes an ``attention_mask``."""
+
+    def __init__(self, positions="arange", attention="masked", mask_input=False, vocab=50, width=24, heads=3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.positions, self.attention, self.heads = positions, attention, heads
+        self.wte = torch.nn.Parameter(torch.randn(vocab, width, generator=gen) * 0.5)
+        self.wpe = torch.nn.Parameter(torch.randn(64, width, generator=gen) * 0.5)
+        self.c_attn = torch.nn.Linear(width, 3 * width)
+        self.c_proj = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab)
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64))
+        self.example_inputs = {"idx": torch.randint(0, vocab, (2, 9), generator=gen)}
+        if mask_input:
+            self.example_inputs["attention_mask"] = torch.ones(2, 9, dtype=torch.long)
+
+    def forward(self, idx, attention_mask=None):
+        b, t = idx.shape
+        if self.positions == "arange":
+            pos = torch.nn.functional.embedding(torch.arange(0, t, device=idx.device), self.wpe)
+        elif self.positions == "cumsum":
+            pos = torch.nn.functional.embedding(torch.cumsum(torch.ones_like(idx), 1) - 1, self.wpe)
+        else:
+            pos = self.wpe[:t]
+        x = torch.nn.functional.embedding(idx, self.wte) + pos
+        if attention_mask is not None:
+            x = x * attention_mask[..., None]
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        if self.attention == "sdpa":
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if self.attention == "masked":
+                att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            y = torch.softmax(att, dim=-1) @ v
+        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return self.head(x)
+
+
+def _cli(*args):
+    """The command line in a fresh process, output piped."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "parallax_compile.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def cumsum_decoder():
+    """``tests.test_export_onnx:cumsum_decoder`` for the CLI: positions the KV cache cannot offset."""
+    return ToyDecoder(positions="cumsum").eval()
+
+
+def _live_probes(gm, seed: int) -> None:
+    """Random ``W_R`` and non-zero gains ``r_gain``: the model a fine-tuning run leaves."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pc.named_probe_parameters(gm):
+            p.copy_(1 + 0.5 * torch.rand(p.shape, generator=gen) if name.endswith("r_gain")
+                    else torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _convert_toy(**kwargs):
+    model = ToyDecoder(**kwargs).eval()
+    gm, info = run_conversion(model, model.example_inputs)
+    assert len(info.rewritten) == 1, [s.reason for s in info.sites]
+    _live_probes(gm, seed=1)
+    return gm
+
+
+def _kv_steps_in_torch(kv, prompt, chunks):
+    """Run ``kv.module`` over ``prompt`` in ``chunks`` (lengths), feeding ``present`` back; returns
+    the logits of every chunk concatenated ``[B, L, vocab]``."""
+    b = prompt.shape[0]
+    past = [torch.zeros(b, h, 0, d) for h, d in kv.kv_shapes for _ in range(2)]
+    logits, at = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out = kv.module(prompt[:, at:at + n], *past)
+            logits.append(out[0])
+            past, at = list(out[-len(past):]), at + n
+    assert all(p.shape[2] == prompt.shape[1] for p in past), "present must hold every position"
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("attention", ["masked", "sdpa"])
+def test_kv_graph_in_pytorch_equals_recomputation(attention):
+    """The transformed graph itself (no ONNX), with live probes: the prompt fed in chunks of odd
+    lengths with the cache (Lq != Lk, end-aligned causal) gives the logits of one full pass."""
+    from parallax_compile.export.graph_decoder import with_kv_cache
+
+    gm = _convert_toy(attention=attention)
+    kv = with_kv_cache(gm)
+    assert kv.token_input == "idx" and kv.output_names == ["logits"] and kv.kv_shapes == [(3, 8)]
+    prompt = torch.randint(0, 50, (3, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = gm(idx=prompt)
+    for chunks in ([13], [5, 1, 7], [1] * 13):
+        got = _kv_steps_in_torch(kv, prompt, chunks)
+        assert relative_error(got, want) <= REL_TOL, chunks
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    (dict(positions="cumsum"), "aten.cumsum"),
+    (dict(positions="sliced"), "slices a table by the sequence length"),
+    (dict(attention="bidirectional"), "is not causal"),
+    (dict(mask_input=True), "takes 2 tensor inputs (idx, attention_mask)"),
+], ids=["cumsum-positions", "sliced-position-table", "bidirectional", "mask-input"])
+def test_kv_cache_refused_with_the_reason(kwargs, reason):
+    """What the transformation cannot prove exact is refused with one line naming it (the
+    directory then gets model.onnx without a cache: test_cli_refuses_the_kv_cache_with_one_line)."""
+    from parallax_compile.export.graph_decoder import NoKVCache, with_kv_cache
+
+    model = ToyDecoder(**kwargs).eval()
+    gm, info = run_conversion(model, model.example_inputs)
+    assert info.rewritten
+    with pytest.raises(NoKVCache, match=re.escape(reason)) as refused:
+        with_kv_cache(gm)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def nanogpt_with_past(tmp_path_factory):
+    """The default nanoGPT model converted, with random probes (W_R and r_gain non-zero, as after
+    fine-tuning), exported as an Optimum directory with its KV cache."""
+    from parallax_compile.export.onnx_dir import export_onnx_dir
+
+    loaded = load_model("nanogpt", seq_len=12, batch_size=2)
+    gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims)
+    assert len(info.rewritten) == 4
+    _live_probes(gm, seed=2)
+    out = tmp_path_factory.mktemp("nanogpt_onnx")
+    report = export_onnx_dir(out, gm, loaded.example_inputs, new_tokens=5)
+    return gm, out, report
+
+
+@pytest.mark.slow  # the converted nanoGPT and its export: about a minute on 2 cores
+def test_graph_decoder_directory_layout_and_names(nanogpt_with_past):
+    gm, out, report = nanogpt_with_past
+    assert report.kv_cache and report.kv_cache_note is None
+    past = [f"past_key_values.{i}.{kv}" for i in range(4) for kv in ("key", "value")]
+    assert report.inputs == ["idx", *past]
+    assert report.outputs == ["logits", *[p.replace("past_key_values", "present") for p in past]]
+    assert report.dims["idx"] == ["batch_size", "sequence_length"]
+    assert report.dims["logits"] == ["batch_size", "sequence_length", 256]
+    assert report.dims["past_key_values.0.key"] == ["batch_size", 4, "past_sequence_length", 32]
+    assert report.dims["present.3.value"] == ["batch_size", 4, "past_sequence_length + sequence_length", 32]
+    assert report.parallax_nodes == 4
+    assert report.ok and report.tokens_equal and report.generated_tokens == 5 and report.error <= 1e-4
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+
+
+@pytest.mark.slow  # the converted nanoGPT and its export: about a minute on 2 cores
+def test_graph_decoder_token_by_token_equals_recomputation(nanogpt_with_past):
+    """ONNX Runtime, token by token with the cache, on fresh random prompts of odd lengths and
+    batch > 1: every step's logits equal PyTorch's on the whole prefix recomputed (within the
+    tool's tolerance), the tokens are equal, and a prompt fed in two chunks (Lq > 1 with a past)
+    too. The probes are live: zeroing them moves the logits, so a dropped probe would be seen."""
+    from parallax_compile.export.graph_decoder import recompute_greedy
+    from parallax_compile.export.onnx_decoder import ort_greedy
+    from parallax_compile.export.onnx_dir import ORT_TOLERANCE
+    from parallax_compile.export.ort_kernel import session as make_session
+
+    gm, out, _ = nanogpt_with_past
+    session = make_session(out / "model.onnx", fast_path=False)
+    gen = torch.Generator().manual_seed(11)
+    for batch, length in [(3, 7), (2, 13)]:
+        prompt = torch.randint(0, 256, (batch, length), generator=gen)
+        steps = []
+        tokens, _ = ort_greedy(session, prompt, None, 6, step_logits=steps)
+        want_tokens, want = recompute_greedy(gm, "idx", prompt, 6)
+        assert torch.equal(tokens, want_tokens)
+        assert len(steps) == 6 and steps[0].shape == (batch, length, 256) and steps[1].shape == (batch, 1, 256)
+        for i, (a, b) in enumerate(zip(steps, want)):
+            assert relative_error(a, b) <= ORT_TOLERANCE["float32"], f"step {i}"
+    names = [i.name for i in session.get_inputs()]
+    prompt = torch.randint(0, 256, (3, 11), generator=gen)
+    first = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
+        "idx": prompt[:, :4].numpy(), **{n: torch.zeros(3, 4, 0, 32).numpy() for n in names[1:]}})))
+    second = session.run(None, {"idx": prompt[:, 4:].numpy(),
+                                **{n: first[n.replace("past_key_values", "present")] for n in names[1:]}})
+    with torch.no_grad():
+        full = gm(idx=prompt)
+    assert relative_error(torch.from_numpy(second[0]), full[:, 4:]) <= ORT_TOLERANCE["float32"]
+    probes = [p for _, p in pc.named_probe_parameters(gm)]
+    saved = [p.detach().clone() for p in probes]
+    with torch.no_grad():
+        for p in probes:
+            p.zero_()
+        moved = relative_error(gm(idx=prompt), full)
+        for p, s0 in zip(probes, saved):
+            p.copy_(s0)
+    assert moved > 1e-3, "the probes do not change the logits: the test could not see them dropped"
+
+
+@pytest.mark.slow  # a fresh process converting and exporting: 40-60 s on 2 cores
+def test_cli_refuses_the_kv_cache_with_one_line(tmp_path):
+    """``export onnx`` of a graph model whose positions cannot be offset (``cumsum``): exit 0,
+    model.onnx without a cache, one note line saying why."""
+    out = tmp_path / "o"
+    proc = _cli("export", "onnx", "tests.test_export_onnx:cumsum_decoder", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if "no KV cache" in ln]
+    assert len(notes) == 1 and "aten.cumsum" in notes[0], proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["kv_cache"] and "cumsum" in report["kv_cache_note"] and report["ok"]
+    assert (out / "model.onnx").is_file()
+
+
+@pytest.mark.slow  # a fresh process converting and exporting: 40-60 s on 2 cores
+def test_cli_exports_a_saved_fine_tuned_nanogpt_with_its_cache(nanogpt_with_past, tmp_path):
+    """The README's loop for a graph model: a conversion directory with trained (random) probes,
+    ``export onnx DIR OUT/`` in a fresh process: KV-cache inputs and outputs, greedy tokens equal to
+    PyTorch's recomputation, and the probes in the file are the trained ones."""
+    gm, _, _ = nanogpt_with_past
+    saved = pc.save(gm, tmp_path / "nanogpt-ft")
+    out = tmp_path / "onnx"
+    proc = _cli("export", "onnx", str(saved), str(out), "--json", "--new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["kv_cache"] and report["tokens_equal"] and report["ok"] and report["generated_tokens"] == 4
+    assert report["inputs"][:2] == ["idx", "past_key_values.0.key"] and report["outputs"][-1] == "present.3.value"
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    got = run_onnx(out / "model.onnx", {"idx": prompt, **{f"past_key_values.{i}.{kv}": torch.zeros(2, 4, 0, 32)
+                                                          for i in range(4) for kv in ("key", "value")}})[0]
+    with torch.no_grad():
+        want = gm(idx=prompt)
+    assert relative_error(torch.from_numpy(got), want) <= 1e-4

@@ -27,8 +27,8 @@ from .onnx_function import (
 )
 from .program import program
 
-__all__ = ["DEFAULT_OPSET", "default_dim_names", "export_onnx", "name_dims", "output_names_of", "parallax_nodes",
-           "run_onnx"]
+__all__ = ["DEFAULT_OPSET", "default_dim_names", "export_onnx", "name_dims", "names_from_spec", "output_names_of",
+           "parallax_nodes", "run_onnx"]
 
 DEFAULT_OPSET = 20  # torch.onnx's default; the function body needs >= 18
 
@@ -174,9 +174,13 @@ def output_names_of(ep: torch.export.ExportedProgram) -> list[str]:
     """Names of a program's flattened outputs as Optimum writes them: the field path of a
     ``ModelOutput`` / dict (``logits``, ``last_hidden_state``, ``past_key_values.0.0``), else
     ``output`` for a lone tensor and ``output_<i>`` for a tuple's items."""
+    return names_from_spec(ep.call_spec.out_spec)
+
+
+def names_from_spec(spec) -> list[str]:
+    """:func:`output_names_of` for an output ``TreeSpec``."""
     from torch.utils import _pytree as pytree
 
-    spec = ep.call_spec.out_spec
     leaves = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
     paths = [path for path, _ in pytree.tree_flatten_with_path(leaves)[0]]
     names = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DecoderWithPast", "export_decoder_onnx", "ort_greedy", "position_ids"]
+__all__ = ["DecoderWithPast", "cache_names", "export_decoder_onnx", "ort_greedy", "position_ids"]
 
 
 def _cache_keyword(model) -> str:
@@ -68,6 +68,12 @@ def _kv_shape(config) -> tuple[int, int, int]:
     return text.num_hidden_layers, kv_heads, head_dim
 
 
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """``(past_key_values.N.key / .value, present.N.key / .value)`` for ``layers`` layers, in order."""
+    pairs = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return [f"past_key_values.{p}" for p in pairs], [f"present.{p}" for p in pairs]
+
+
 def position_ids(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """What ``generate()`` feeds: ``cumsum(attention_mask) - 1`` (padding positions 1), for the
     last ``new_tokens`` columns. ``attention_mask`` int ``[B, P + S]`` -> int64 ``[B, S]``."""
@@ -104,26 +110,29 @@ def export_decoder_onnx(model, path, *, opset: int | None = None, fp16: bool = F
               "past_key_values": [({0: dyn, 2: dyn}, {0: dyn, 2: dyn}) for _ in range(layers)]}
     if wrapper.takes_position_ids:
         shapes["position_ids"] = {0: dyn, 1: dyn}
-    pairs = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    past, present = cache_names(layers)
     names = [n for n in ("input_ids", "attention_mask", "position_ids") if n in inputs]
     dims = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     dims["attention_mask"] = {0: "batch_size", 1: "past_sequence_length + sequence_length"}
-    dims |= {f"past_key_values.{pair}": {0: "batch_size", 2: "past_sequence_length"} for pair in pairs}
+    dims |= {name: {0: "batch_size", 2: "past_sequence_length"} for name in past}
     with torch.no_grad():
         return export_onnx(wrapper, ((), inputs), path, dynamic_shapes=shapes, opset=opset, fp16=fp16,
-                           accumulate=accumulate, input_names=names + [f"past_key_values.{x}" for x in pairs],
-                           output_names=["logits"] + [f"present.{x}" for x in pairs], dim_names=dims)
+                           accumulate=accumulate, input_names=names + past, output_names=["logits"] + present,
+                           dim_names=dims)
 
 
-def ort_greedy(session, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-               *, eos_token_id: int | None = None, pad_token_id: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy generation with a file from :func:`export_decoder_onnx` in ONNX Runtime: one call on
-    the prompt (empty past), then one call per new token feeding ``present`` back as
-    ``past_key_values``. ``session``: an ``onnxruntime.InferenceSession`` (or a path). Returns
-    ``(tokens [B, L + new], first-step logits [B, L, vocab])``. As ``generate()``: a row that
-    produced ``eos_token_id`` continues with ``pad_token_id`` (default: the eos id), and generation
-    stops when every row has."""
+def ort_greedy(session, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+               *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+               step_logits: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation with a KV-cache file in ONNX Runtime (from :func:`export_decoder_onnx`, or
+    :func:`parallax_compile.export.graph_decoder.export_graph_decoder_onnx`, whose token input may
+    have the model's own name and which takes no ``attention_mask``): one call on the prompt (empty
+    past), then one call per new token feeding ``present`` back as ``past_key_values``.
+    ``session``: an ``onnxruntime.InferenceSession`` (or a path). Returns
+    ``(tokens [B, L + new], first-step logits [B, L, vocab])``; ``step_logits``, when given, gets
+    every step's logits appended (``[B, L, vocab]``, then ``[B, 1, vocab]`` per new token). As
+    ``generate()``: a row that produced ``eos_token_id`` continues with ``pad_token_id`` (default:
+    the eos id), and generation stops when every row has."""
     import numpy as np
 
     if not hasattr(session, "run"):
@@ -132,20 +141,26 @@ def ort_greedy(session, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
         session = make_session(session, fast_path=False)
     inputs = {i.name: i for i in session.get_inputs()}
     past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    token_name = next(n for n in inputs if n not in ("attention_mask", "position_ids") and n not in past_names)
     outputs = [o.name for o in session.get_outputs()]
     key = inputs[past_names[0]] if past_names else None
     batch = input_ids.shape[0]
     elem = np.float16 if key is not None and key.type == "tensor(float16)" else np.float32
     past = {n: np.zeros((batch, key.shape[1], 0, key.shape[3]), dtype=elem) for n in past_names}
-    tokens, mask = input_ids.clone(), attention_mask.long().clone()
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    tokens, mask = input_ids.clone(), mask.long().clone()
     step_ids, first, done = tokens, None, torch.zeros(batch, dtype=torch.bool)
     for _ in range(max_new_tokens):
-        feed = {"input_ids": step_ids.numpy(), "attention_mask": mask.numpy(), **past}
+        feed = {token_name: step_ids.numpy(), **past}
+        if "attention_mask" in inputs:
+            feed["attention_mask"] = mask.numpy()
         if "position_ids" in inputs:
             feed["position_ids"] = position_ids(mask, step_ids.shape[1]).numpy()
         result = dict(zip(outputs, session.run(None, feed)))
         logits = torch.from_numpy(result["logits"]).float()
         first = logits if first is None else first
+        if step_logits is not None:
+            step_logits.append(logits)
         nxt = logits[:, -1].argmax(-1)
         if eos_token_id is not None:
             pad = eos_token_id if pad_token_id is None else pad_token_id

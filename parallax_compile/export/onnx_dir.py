@@ -6,9 +6,15 @@
   takes and returns the KV cache (:mod:`.onnx_decoder`); the check runs the prompt through ONNX
   Runtime against PyTorch (logits) and generates greedily token by token against
   ``model.generate`` (tokens must be equal).
-* Any other converted model (a graph conversion): ``model.onnx`` without a cache (inputs named
-  as the model's keyword inputs, outputs as its output fields: ``logits``,
-  ``last_hidden_state``...); the check compares the main output on the example inputs.
+* A causal decoder converted as a graph (nanoGPT, a factory's model) whose graph
+  :func:`.graph_decoder.with_kv_cache` proves it can cache exactly: ``model.onnx`` takes and
+  returns the KV cache in the same layout (token input under the model's own name, no
+  ``attention_mask``); the check generates greedily token by token in ONNX Runtime against PyTorch
+  recomputing the whole prefix at each step (tokens equal; logits of every step within the tolerance).
+* Any other converted model (an encoder, or a graph the KV cache is refused for, the reason in
+  ``kv_cache_note``): ``model.onnx`` without a cache (inputs named as the model's keyword inputs,
+  outputs as its output fields: ``logits``, ``last_hidden_state``...); the check compares the
+  main output on the example inputs.
 
 The check passes when the max relative error (``max |ort - torch| / max |torch|`` at the
 non-padding positions) is at most :data:`ORT_TOLERANCE` for the exported dtype.
@@ -51,6 +57,8 @@ class OnnxExport:
     generated_tokens: int = 0
     tokens_equal: bool | None = None
     files: list[str] = field(default_factory=list)
+    kv_cache_note: str | None = None
+    """Why a graph conversion got no KV cache (None when it has one, or for other kinds)."""
 
     @property
     def ok(self) -> bool:
@@ -110,7 +118,8 @@ def export_onnx_dir(
     Args:
         directory: the export directory (created; files of the same names are replaced).
         module: the PyTorch model to check against: a transformers causal LM upgraded in place
-            (exported with its KV cache) or a converted module.
+            (exported with its KV cache) or a converted module (a causal decoder graph is exported
+            with its KV cache when that is exact; see the module docstring).
         inputs: keyword inputs to check on (``input_ids`` / ``attention_mask`` for decoders).
         source, example_inputs, dynamic_shapes: what :func:`.onnx.export_onnx` exports when it is
             not ``module`` itself (e.g. the ``ExportedProgram`` of a saved ``model.pt2``).
@@ -125,6 +134,7 @@ def export_onnx_dir(
     import onnx
 
     from ..convert import relative_error
+    from .graph_decoder import NoKVCache, export_graph_decoder_onnx, recompute_greedy, with_kv_cache
     from .onnx import export_onnx, parallax_nodes, run_onnx
     from .onnx_decoder import export_decoder_onnx, ort_greedy
     from .ort_kernel import session as make_session
@@ -136,8 +146,16 @@ def export_onnx_dir(
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
     decoder = is_parallax_decoder(module)
+    graph, note = None, None
+    if not decoder and isinstance(module, torch.fx.GraphModule):
+        try:
+            graph = with_kv_cache(module)
+        except NoKVCache as why:
+            note = str(why)
     if decoder:
         export_decoder_onnx(module, path, opset=opset, fp16=fp16, accumulate=accumulate)
+    elif graph is not None:
+        export_graph_decoder_onnx(graph, path, opset=opset, fp16=fp16, accumulate=accumulate)
     else:
         export_onnx(module if source is None else source, example_inputs, path, dynamic_shapes=dynamic_shapes,
                     opset=opset, fp16=fp16, accumulate=accumulate)
@@ -149,11 +167,20 @@ def export_onnx_dir(
     if valid is None and isinstance(mask, torch.Tensor) and not bool(mask.all()):
         valid = mask.bool()
     report = OnnxExport(
-        directory=str(out), model_file=str(path), kv_cache=decoder, inputs=[i.name for i in proto.graph.input],
+        directory=str(out), model_file=str(path), kv_cache=decoder or graph is not None, kv_cache_note=note,
+        inputs=[i.name for i in proto.graph.input],
         outputs=[o.name for o in proto.graph.output], dims=dims, parallax_nodes=len(parallax_nodes(proto)),
         opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), error=float("nan"),
         tolerance=ORT_TOLERANCE["float16" if fp16 else "float32"], files=files)
     session = make_session(path, fast_path=False)
+    if graph is not None:
+        prompt, steps = inputs[graph.token_input], []
+        tokens, _ = ort_greedy(session, prompt.cpu(), None, new_tokens, step_logits=steps)
+        expected, want = recompute_greedy(module, graph.token_input, prompt, new_tokens)
+        report.generated_tokens = tokens.shape[1] - prompt.shape[1]
+        report.tokens_equal = torch.equal(tokens, expected)
+        report.error = max(relative_error(a, b) for a, b in zip(steps, want))
+        return report
     with torch.no_grad():
         want = _main_output(module(**inputs))
     if decoder:

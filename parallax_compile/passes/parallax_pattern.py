@@ -317,6 +317,14 @@ def _lower_or_upper(gm, node, flipped=False, depth=12, inputs=None):
     return None
 
 
+def proven_lower_triangular(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when the boolean ``node`` is proven by structure to be True exactly on and below the
+    diagonal of its last two dims (the forms in the module docstring: ``tril(ones(L, L))``, a
+    registered lower-triangular buffer sliced from 0, through ``~``, ``== 0`` and casts). The
+    caller checks that the last two dims are the query and key lengths."""
+    return _lower_or_upper(gm, node) == "lower"
+
+
 def _detect_causal(gm, site: ParallaxSite, inputs=None) -> None:
     q, k = site.nodes["q"], site.nodes["k"]
     if not _same_size(shape_of(q)[-2], shape_of(k)[-2]):
