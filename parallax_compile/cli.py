@@ -469,7 +469,7 @@ def export_onnx_cmd(model: str, out_dir: Path, opset, fp16: bool, accumulate: st
     for kind, names in (("inputs: ", report.inputs), ("outputs:", report.outputs)):
         shown = [f"{n} [{', '.join(map(str, report.dims[n]))}]" for n in names[:4]]
         console.print(f"{kind} " + "; ".join(shown) + (f"; ... ({len(names)} in all)" if len(names) > 4 else ""),
-                      highlight=False)
+                      highlight=False, markup=False)  # [batch_size, ...] is not rich markup
     console.print(f"ONNX Runtime vs PyTorch: max relative error {report.error:.2e} (tolerance {report.tolerance:.0e})")
     if report.kv_cache:
         same = "equal" if report.tokens_equal else "DIFFERENT"

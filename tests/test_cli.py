@@ -246,6 +246,7 @@ def test_export_onnx_fails_beyond_the_tolerance(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["export", "onnx", "tests.test_cli:factory", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "does not match PyTorch" in result.output and "tolerance" in result.output
+    assert "src [batch_size, sequence_length, 32]" in result.output  # dims shown, not eaten as rich markup
 
 
 @pytest.mark.slow
