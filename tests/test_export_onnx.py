@@ -505,7 +505,7 @@ def nanogpt_with_past(tmp_path_factory):
     return gm, out, report
 
 
-@pytest.mark.slow  # the converted nanoGPT and its export: about a minute on 2 cores
+@pytest.mark.slow  # the converted nanoGPT and its export: 20-70 s on 2 cores
 def test_graph_decoder_directory_layout_and_names(nanogpt_with_past):
     gm, out, report = nanogpt_with_past
     assert report.kv_cache and report.kv_cache_note is None
@@ -521,7 +521,7 @@ def test_graph_decoder_directory_layout_and_names(nanogpt_with_past):
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
 
-@pytest.mark.slow  # the converted nanoGPT and its export: about a minute on 2 cores
+@pytest.mark.slow  # the converted nanoGPT and its export: 20-70 s on 2 cores
 def test_graph_decoder_token_by_token_equals_recomputation(nanogpt_with_past):
     """ONNX Runtime, token by token with the cache, on fresh random prompts of odd lengths and
     batch > 1: every step's logits equal PyTorch's on the whole prefix recomputed (within the
@@ -564,7 +564,7 @@ def test_graph_decoder_token_by_token_equals_recomputation(nanogpt_with_past):
     assert moved > 1e-3, "the probes do not change the logits: the test could not see them dropped"
 
 
-@pytest.mark.slow  # a fresh process converting and exporting: 40-60 s on 2 cores
+@pytest.mark.slow  # a fresh process converting and exporting: 25-60 s on 2 cores
 def test_cli_refuses_the_kv_cache_with_one_line(tmp_path):
     """``export onnx`` of a graph model whose positions cannot be offset (``cumsum``): exit 0,
     model.onnx without a cache, one note line saying why."""
@@ -578,7 +578,7 @@ def test_cli_refuses_the_kv_cache_with_one_line(tmp_path):
     assert (out / "model.onnx").is_file()
 
 
-@pytest.mark.slow  # a fresh process converting and exporting: 40-60 s on 2 cores
+@pytest.mark.slow  # a fresh process converting and exporting: 25-60 s on 2 cores
 def test_cli_exports_a_saved_fine_tuned_nanogpt_with_its_cache(nanogpt_with_past, tmp_path):
     """The README's loop for a graph model: a conversion directory with trained (random) probes,
     ``export onnx DIR OUT/`` in a fresh process: KV-cache inputs and outputs, greedy tokens equal to
