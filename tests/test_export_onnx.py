@@ -541,7 +541,8 @@ def test_graph_decoder_token_by_token_equals_recomputation(nanogpt_with_past):
         tokens, _ = ort_greedy(session, prompt, None, 6, step_logits=steps)
         want_tokens, want = recompute_greedy(gm, "idx", prompt, 6)
         assert torch.equal(tokens, want_tokens)
-        assert len(steps) == 6 and steps[0].shape == (batch, length, 256) and steps[1].shape == (batch, 1, 256)
+        assert len(steps) == 6 and steps[0].shape == (batch, length, 256)
+        assert steps[1].shape == (batch, 1, 256)
         for i, (a, b) in enumerate(zip(steps, want)):
             assert relative_error(a, b) <= ORT_TOLERANCE["float32"], f"step {i}"
     names = [i.name for i in session.get_inputs()]
@@ -590,10 +591,11 @@ def test_cli_exports_a_saved_fine_tuned_nanogpt_with_its_cache(nanogpt_with_past
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["kv_cache"] and report["tokens_equal"] and report["ok"] and report["generated_tokens"] == 4
-    assert report["inputs"][:2] == ["idx", "past_key_values.0.key"] and report["outputs"][-1] == "present.3.value"
+    assert report["inputs"][:2] == ["idx", "past_key_values.0.key"]
+    assert report["outputs"][-1] == "present.3.value"
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
-    got = run_onnx(out / "model.onnx", {"idx": prompt, **{f"past_key_values.{i}.{kv}": torch.zeros(2, 4, 0, 32)
-                                                          for i in range(4) for kv in ("key", "value")}})[0]
+    empty = {f"past_key_values.{i}.{kv}": torch.zeros(2, 4, 0, 32) for i in range(4) for kv in ("key", "value")}
+    got = run_onnx(out / "model.onnx", {"idx": prompt, **empty})[0]
     with torch.no_grad():
         want = gm(idx=prompt)
     assert relative_error(torch.from_numpy(got), want) <= 1e-4

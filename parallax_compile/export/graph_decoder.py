@@ -153,7 +153,7 @@ class _Axes:
                     self.axis[node] = self.rule(node)
                 except NoKVCache:
                     raise
-                except Exception as e:  # noqa: BLE001 - a form the rules did not foresee: refuse, do not guess
+                except Exception as e:  # noqa: BLE001 - a form the rules did not foresee: refuse
                     raise NoKVCache(f"{_where(node)} could not be analysed ({type(e).__name__}: {e})") from e
             elif node.op in ("call_module", "call_method"):
                 raise NoKVCache(f"{node.op} {node.target} (node {node.name}) is not an ATen op")
@@ -175,7 +175,8 @@ class _Axes:
             if v is not None and (t in _SCALAR_TARGETS or _scalar_op(t)):
                 return None
             if tensors or lengths:
-                raise NoKVCache(f"{_where(node)} turns a tensor into a Python number, or has no shape information")
+                raise NoKVCache(f"{_where(node)} turns a tensor into a Python number, or has no shape "
+                                "information")
             return None
         if t is torch.ops.parallax.attention.default:
             return self.attention(node)
@@ -287,7 +288,8 @@ class _Axes:
             return self.of(a) + rank - ra
         if self.of(a) is None and self.of(b) == rb - 1 and rb >= 2:
             return rank - 1
-        raise NoKVCache(f"{_where(node)} multiplies across the sequence axis (attention outside a Parallax site?)")
+        raise NoKVCache(f"{_where(node)} multiplies across the sequence axis (attention outside a Parallax "
+                        "site?)")
 
     def reshape(self, node, x, ax, v):
         if ax is None:
@@ -304,7 +306,8 @@ class _Axes:
         seq_dims = [j for j, d in enumerate(v.shape) if self.mentions_seq(d)]
         if ax is None:
             if seq_dims and (len(seq_dims) > 1 or not self.is_seq(v.shape[seq_dims[0]])):
-                raise NoKVCache(f"{_where(node)} expands a constant to a size computed from the sequence length")
+                raise NoKVCache(f"{_where(node)} expands a constant to a size computed from the sequence "
+                                "length")
             return seq_dims[0] if seq_dims else None  # the same values at every position
         out = ax + len(sizes) - len(shape_of(x))
         if any(j != out for j in seq_dims):
@@ -344,8 +347,8 @@ class _Axes:
 
 
 def _scalar_op(target) -> bool:
-    return getattr(target, "__module__", "") in ("_operator", "math", "torch",
-                                                  "torch.fx.experimental.sym_node") or target in _SCALAR_TARGETS
+    modules = ("_operator", "math", "torch", "torch.fx.experimental.sym_node")
+    return getattr(target, "__module__", "") in modules or target in _SCALAR_TARGETS
 
 
 # --- the transformation ---------------------------------------------------------------------------
@@ -378,7 +381,8 @@ def _drop_dead(graph: fx.Graph) -> None:
     """Dead-code elimination that also drops unused eval-mode dropouts (FX keeps them as random
     ops; the conversion leaves the replaced softmax chain alive through one)."""
     for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and not node.users and (node.target in DROPOUTS or not node.is_impure()):
+        dead = node.op == "call_function" and not node.users
+        if dead and (node.target in DROPOUTS or not node.is_impure()):
             graph.erase_node(node)
 
 
@@ -426,17 +430,19 @@ def with_kv_cache(gm: fx.GraphModule) -> KVCacheGraph:
         else:
             graph.erase_node(node)
     if len(tokens) != 1:
-        raise NoKVCache(f"the model takes {len(tokens)} tensor inputs ({', '.join(n.target for n in tokens)}); "
-                        "the KV-cache variant needs exactly one, the [batch, sequence] token ids (an attention "
-                        "mask or position input is not supported)")
+        given = ", ".join(n.target for n in tokens)
+        raise NoKVCache(f"the model takes {len(tokens)} tensor inputs ({given}); the KV-cache variant needs "
+                        "exactly one, the [batch, sequence] token ids (an attention mask or position input "
+                        "is not supported)")
     (token,) = tokens
     tv = val(token)
     if tv.dim() != 2 or tv.dtype.is_floating_point or tv.dtype.is_complex:
-        raise NoKVCache(f"the input {token.target!r} is {tuple(tv.shape)} {tv.dtype}, not [batch, sequence] token ids")
+        raise NoKVCache(f"the input {token.target!r} is {tuple(tv.shape)} {tv.dtype}, not [batch, sequence] "
+                        "token ids")
     batch, seq = tv.shape
     if not isinstance(seq, torch.SymInt) or not isinstance(batch, torch.SymInt):
-        raise NoKVCache(f"the conversion has a static batch or sequence length ({tuple(tv.shape)}); a KV cache "
-                        "needs both dynamic")
+        raise NoKVCache(f"the conversion has a static batch or sequence length ({tuple(tv.shape)}); a KV "
+                        "cache needs both dynamic")
     sites = [n for n in graph.nodes if n.op == "call_function" and n.target is parallax]
     if not sites:
         raise NoKVCache("the model has no Parallax site")
@@ -446,12 +452,12 @@ def with_kv_cache(gm: fx.GraphModule) -> KVCacheGraph:
         where = _where(node)
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
         if not (_same_expr(qs[2], seq) and _same_expr(ks[2], seq)):
-            raise NoKVCache(f"Parallax site {where} attends to keys of length {ks[2]}, not the input's sequence "
-                            "(cross-attention)")
+            raise NoKVCache(f"Parallax site {where} attends to keys of length {ks[2]}, not the input's "
+                            "sequence (cross-attention)")
         if not (_same_expr(ks[0], batch) and isinstance(ks[1], int) and isinstance(ks[3], int)
                 and vs[3] == ks[3]):
-            raise NoKVCache(f"Parallax site {where}: k is {tuple(ks)} and v {tuple(vs)}, not [batch, num_kv_heads, "
-                            "sequence, head_dim] with one head_dim")
+            raise NoKVCache(f"Parallax site {where}: k is {tuple(ks)} and v {tuple(vs)}, not [batch, "
+                            "num_kv_heads, sequence, head_dim] with one head_dim")
         if mask is not None:
             ms = shape_of(mask)
             proven = (val(mask).dtype == torch.bool and ms is not None and len(ms) >= 2

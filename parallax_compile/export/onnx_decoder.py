@@ -141,7 +141,7 @@ def ort_greedy(session, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         session = make_session(session, fast_path=False)
     inputs = {i.name: i for i in session.get_inputs()}
     past_names = [n for n in inputs if n.startswith("past_key_values.")]
-    token_name = next(n for n in inputs if n not in ("attention_mask", "position_ids") and n not in past_names)
+    token_name = next(n for n in inputs if n not in ("attention_mask", "position_ids", *past_names))
     outputs = [o.name for o in session.get_outputs()]
     key = inputs[past_names[0]] if past_names else None
     batch = input_ids.shape[0]
