@@ -35,6 +35,7 @@ import torch
 from torch import fx
 
 from .passes.parallax_pattern import ParallaxSite, find_parallax, rewrite_parallax
+from .passes.rewrite import drop_dead_code
 
 __all__ = ["BackendReport", "last_report", "parallax_backend", "run_passes", "to_aten"]
 
@@ -139,7 +140,7 @@ def run_passes(aten_gm: fx.GraphModule, example_inputs=None) -> BackendReport:
             report.counters[site.form] += 1
         else:
             report.counters["skipped"] += 1
-    aten_gm.graph.eliminate_dead_code()
+    drop_dead_code(aten_gm.graph)
     aten_gm.graph.lint()
     aten_gm.recompile()
     report.num_nodes = len(aten_gm.graph.nodes)

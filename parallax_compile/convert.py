@@ -21,7 +21,7 @@ from .passes.adversarial import adversarial_variants, mask_inputs
 from .passes.capture import Capture, capture, mark_specialised, record
 from .passes.match import Skip, find_sites
 from .passes.query_chain import find_query_chain, locate_query_block
-from .passes.rewrite import gain_path, probe_path, remove_probe, rewrite_site
+from .passes.rewrite import drop_dead_code, gain_path, probe_path, remove_probe, rewrite_site
 from .passes.site import AttentionSite
 from .probes import check_continuity, is_probe
 
@@ -186,8 +186,7 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
     worst = _check_model(cap, gm, [s for s in sites if s not in lla], added, ref_out, valid_positions)
     continuity = _check_continuity(cap, gm, [s for s in sites if s not in lla], added, ref_out)
     lla_errors = _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration)
-    gm.graph.eliminate_dead_code()  # only now: a revert needs the original attention nodes
-    _erase_unused_attention(gm)
+    drop_dead_code(gm.graph)  # only now: a revert needs the original attention nodes
     for site in sites:
         if id(site) in added and not site.rewritable:
             remove_probe(gm, added[id(site)][1])
@@ -227,16 +226,6 @@ def _check_adversarial(cap, gm, live, added) -> None:
                         f"on a synthesized mask input ({label}: fully masked / single-key rows) the op "
                         f"differs from the original attention by {err:.2e} (relative)")
     gm.recompile()
-
-
-def _erase_unused_attention(gm: fx.GraphModule) -> None:
-    """Drop replaced SDPA nodes: dead-code elimination keeps them (SDPA is tagged
-    nondeterministic for its dropout), and they would still run."""
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op == "call_function" and node.target is torch.ops.aten.scaled_dot_product_attention.default \
-                and not node.users:
-            gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
 
 
 def _convert_lla(cap, gm, lla, added, chains, ref_out, valid_positions, probe_init, calibration) -> dict:

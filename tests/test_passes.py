@@ -484,3 +484,37 @@ def test_several_reverted_sites_keep_a_valid_graph(monkeypatch):
     assert [s.rewritable for s in info.sites] == [False, False, True]
     gm.graph.lint()
     assert _max_rel(gm(x), model(x)) <= 1e-5
+
+
+class _DropoutAttention(nn.Module):
+    """nanoGPT-style attention with attention dropout (eval mode: ``dropout(p, train=False)``) and
+    an SDPA layer with ``dropout_p``: the replaced chains are dead but tagged random."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h, self.qkv, self.qkv2 = h, nn.Linear(d, 3 * d), nn.Linear(d, 3 * d)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.h, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(torch.ones(n, n, dtype=torch.bool).tril().logical_not(), float("-inf"))
+        y = self.drop(att.softmax(-1)) @ v
+        x = x + y.transpose(1, 2).reshape(b, n, d)
+        q, k, v = (t.view(b, n, self.h, -1).transpose(1, 2) for t in self.qkv2(x).split(d, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1 if self.training else 0.0)
+        return x + y.transpose(1, 2).reshape(b, n, d)
+
+
+def test_replaced_attention_is_not_computed_any_more():
+    """After the rewrite no softmax, ``q k^T`` or SDPA of the original attention is left in the
+    graph (dead-code elimination used to keep them: dropout and SDPA are tagged random)."""
+    model = _DropoutAttention().eval()
+    x = torch.randn(2, 7, 32)
+    gm = convert(model, (x,))
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert len(_op_nodes(gm)) == 2
+    assert not {t for t in targets if "softmax" in t or "scaled_dot_product" in t or "matmul" in t or "bmm" in t}
+    with torch.no_grad():
+        assert _max_rel(gm(x), model(x)) < 1e-5

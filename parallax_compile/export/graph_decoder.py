@@ -39,6 +39,7 @@ from torch import fx
 
 from ..passes.match import CASTS, DROPOUTS, RESHAPES, shape_of, val
 from ..passes.parallax_pattern import proven_lower_triangular
+from ..passes.rewrite import drop_dead_code
 
 __all__ = ["KVCacheGraph", "NoKVCache", "export_graph_decoder_onnx", "recompute_greedy", "with_kv_cache"]
 
@@ -505,7 +506,7 @@ def with_kv_cache(gm: fx.GraphModule) -> KVCacheGraph:
         graph.erase_node(node)
     out_node.args = (tuple(outputs + presents),)
     graph._codegen = fx_graph.CodeGen()  # positional inputs and a flat tuple out (no pytree specs)
-    graph.eliminate_dead_code()
+    drop_dead_code(graph)
     graph.lint()
     module = fx.GraphModule(gm, graph, class_name="ParallaxDecoderWithPast")
     kv = [(shape_of(k)[1], shape_of(k)[3]) for k, _ in cache]

@@ -215,3 +215,11 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
             o = _call(graph, aten.to.dtype, o, out_dtype)
     out.replace_all_uses_with(o)
     return {"r": r, "out": o}
+
+
+def drop_dead_code(graph: fx.Graph) -> None:
+    """Dead-code elimination that also drops unused random ops. ``Graph.eliminate_dead_code`` keeps
+    nodes tagged nondeterministic, so after a rewrite the replaced attention (its ``q k^T``, softmax
+    and an eval-mode ``dropout(p, train=False)`` or an SDPA node) stayed in the graph and still ran
+    every call. A dead random op has no effect on any output; only mutating ops are kept."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
