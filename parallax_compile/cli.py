@@ -124,7 +124,7 @@ def sites_table(sites, title: str) -> Table:
                      + (f", omega={omega:g}" if omega is not None else "") + ")")
             if s.rewritable and s.fit:
                 status = (f"[cyan]approximate[/] ({s.fit['probe_init']} probe; held-out error "
-                          f"{s.max_error:.1e}, at W_R = 0 {s.fit['output_error_zero']:.1e})")
+                          f"{s.max_error:.1e}, at r = 0 {s.fit['output_error_zero']:.1e})")
         table.add_row(str(i), s.module_path or "(root)", form, heads, _fmt(s.head_dim), _fmt(s.scale),
                       s.mask if not s.causal or s.mask != "none" else "causal", s.gqa,
                       " > ".join(s.query_chain) or "-", status)
@@ -218,7 +218,7 @@ def inspect(model: str, seq_len, batch_size, as_json: bool) -> None:
 def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, calibration_text, as_json, overwrite) -> None:
     """Convert MODEL to Parallax attention, verify it and save it to OUTPUT.
 
-    Softmax attention sites are converted exactly (checked at W_R = 0). Local Linear Attention
+    Softmax attention sites are converted exactly (checked at r = 0: W_R random, r_gain = 0). Local Linear Attention
     sites are converted approximately (a learned probe replaces the per-query solve) and reported
     with their fit error."""
     from .conversion_dir import check_output
@@ -256,7 +256,7 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
     with _step(f"Saving to {output}"):
         save(gm, output, source=_source(model), overwrite=overwrite)
     if len(info.rewritten) > len(info.approximate):  # exact (softmax) sites
-        console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
+        console.print(f"model outputs at r = 0 (r_gain = 0): max relative error {info.max_output_error:.2e}")
     if info.approximate:
         console.print(f"[cyan]approximate[/]: {len(info.approximate)} LLA site(s) converted with a {probe_init} probe "
                       f"(Parallax equals LLA only with the per-query solved probe); model outputs vs the LLA "
@@ -304,7 +304,7 @@ def _convert_hf_causal_lm(model: str, loaded, output: Path, overwrite: bool):
         tokenizer_dir = gemma3_270m_dir()
     with _step(f"Saving to {output}"):
         save_hf(loaded.model, output, source=_source(model), tokenizer_dir=tokenizer_dir, overwrite=overwrite)
-    console.print(f"model outputs at W_R = 0: max relative error {info.max_output_error:.2e}")
+    console.print(f"model outputs at r = 0 (r_gain = 0): max relative error {info.max_output_error:.2e}")
     console.print(f"saved a Hugging Face model directory to {output}  (load it with parallax_compile.load("
                   f"{str(output)!r}) or AutoModelForCausalLM.from_pretrained after import parallax_compile; "
                   f"check it with: parallax-compile verify {output})")
@@ -334,7 +334,8 @@ def verify(converted: Path, as_json: bool) -> None:
     nonzero = sum(1 for v in report.probe_norms.values() if v > 0)
     compared = (f"max relative error {report.output_error:.2e}" if math.isfinite(report.output_error)
                 else "not compared (see the note)")
-    console.print(f"probes: {len(report.probe_norms)} ({nonzero} non-zero); outputs at W_R = 0 vs original: {compared}")
+    console.print(f"probe tensors (W_R, r_gain): {len(report.probe_norms)}, {nonzero} non-zero; "
+                  f"outputs at r = 0 (r_gain = 0) vs original: {compared}")
     console.print(f"shapes: {_shapes_line(read_manifest(converted))}")
     for note in report.notes:
         console.print(f"note: {note}")
@@ -452,8 +453,9 @@ def export_onnx_cmd(model: str, out_dir: Path, opset, fp16: bool, accumulate: st
     from .export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYPE
 
     if out_dir.suffix == ".onnx":
-        raise click.UsageError(f"OUT_DIR is a directory (model.onnx is written inside it, as optimum-cli does); "
-                               f"pass e.g. {out_dir.with_suffix('')}/")
+        raise click.UsageError(f"OUT_DIR must be a directory, not a .onnx file (model.onnx is written inside it, "
+                               f"as optimum-cli does): parallax-compile export onnx {model} "
+                               f"{out_dir.with_suffix('')}/")
     if as_json:
         _json_mode()
     job = _convert_for_export(model, seq_len, batch_size, upgrade_hf=True)

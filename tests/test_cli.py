@@ -128,7 +128,7 @@ def test_verify_after_full_fine_tuning_says_the_zero_probe_check_does_not_apply(
         (["inspect", "no.such.module:factory"], "Error:"),
         (["convert"], "Missing option"),
         (["verify", "/nonexistent/dir"], "does not exist"),
-        (["export", "onnx", "tiny-llama", "out/model.onnx"], "pass e.g. out/model/"),
+        (["export", "onnx", "tiny-llama", "out/model.onnx"], "export onnx tiny-llama out/model/"),
         (["export", "onnx", "tiny-llama", "-o", "x.onnx"], "writes a directory, as optimum-cli does"),
     ],
     ids=["unknown-model", "bad-factory", "missing-output", "missing-dir", "onnx-file-as-dir", "onnx-dash-o"],
