@@ -275,7 +275,7 @@ def _calibrate_site(gm, site, op, chain, path, values, plain, probe_init, probe_
     if w is not None:
         fit["output_error_calibrated"] = _held_error(lin, held, xs, w, o_all)
         if not fit["output_error_calibrated"] < fit["output_error_zero"]:
-            fit["note"] = "the calibrated probe did not beat W_R = 0 on held-out tokens; the probe starts at zero"
+            fit["note"] = "the calibrated probe did not beat r = 0 on held-out tokens; the probe starts at zero"
             fit["probe_init"], w = "zero", None
     site.max_error = fit["output_error_calibrated"] if w is not None else fit["output_error_zero"]
     with torch.no_grad():

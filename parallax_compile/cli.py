@@ -260,7 +260,7 @@ def convert(model: str, output: Path, seq_len, batch_size, probe, probe_init, ca
     if info.approximate:
         console.print(f"[cyan]approximate[/]: {len(info.approximate)} LLA site(s) converted with a {probe_init} probe "
                       f"(Parallax equals LLA only with the per-query solved probe); model outputs vs the LLA "
-                      f"model: relative RMS error {info.lla_output_error:.2e} (at W_R = 0: "
+                      f"model: relative RMS error {info.lla_output_error:.2e} (at r = 0: "
                       f"{info.lla_output_error_zero:.2e}). Fine-tune to close the gap.")
     console.print(f"saved to {output}  (check it with: parallax-compile verify {output})")
     if as_json:
@@ -317,7 +317,7 @@ def _convert_hf_causal_lm(model: str, loaded, output: Path, overwrite: bool):
 @_friendly
 def verify(converted: Path, as_json: bool) -> None:
     """Re-check a saved conversion: the op against the float64 reference, and the outputs at
-    W_R = 0 against the original model's saved outputs."""
+    r = 0 (r_gain = 0) against the original model's saved outputs."""
     from .conversion_dir import read_manifest
     from .saving import verify as run_verify
 

@@ -171,7 +171,7 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
             _revert(gm, site, new, path, "the replayed query chain does not map W_R = 0 to r = 0 "
                     "(e.g. a per-head norm with a bias)")
         elif err > _tol(ref):
-            _revert(gm, site, new, path, f"the Parallax op at W_R = 0 differs from the original "
+            _revert(gm, site, new, path, f"the Parallax op at r = 0 differs from the original "
                     f"attention by {err:.2e} (relative), above {_tol(ref):.0e}")
         else:
             site.rewritable, site.reason = True, None

@@ -8,7 +8,7 @@
 * ``parallax.json``: the manifest (sites found, rewritten, skipped and why; dynamic dims; weight
   digests; what was trained), versions, source;
 * ``reference.safetensors``: the example inputs and the **original** model's outputs on them,
-  so ``verify`` can prove, without the original model, that the saved model at ``W_R = 0`` is
+  so ``verify`` can prove, without the original model, that the saved model at ``r = 0`` (``r_gain = 0``) is
   still that model.
 
 A Hugging Face conversion (``kind: "huggingface"``) is a transformers model directory with the
@@ -289,7 +289,7 @@ class VerifyReport:
     op_errors: list[dict] = field(default_factory=list)
     """Per Parallax node: relative RMS error of the op against the float64 reference."""
     output_error: float = math.nan
-    """Max relative error of the outputs at ``W_R = 0`` against the original model's outputs."""
+    """Max relative error of the outputs at ``r = 0`` (``r_gain = 0``) against the original model's outputs."""
     probe_norms: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -334,7 +334,7 @@ def _check_outputs_at_zero_probe(gm, probes, args, kwargs, ref_outputs, result: 
             err = relative_error(new, ref)
             worst = max(worst, err)
             if not err <= TOLERANCE.get(ref.dtype, 1e-5):
-                result.problems.append(f"output differs from the original model at W_R = 0 by {err:.2e}")
+                result.problems.append(f"output differs from the original model at r = 0 (r_gain = 0) by {err:.2e}")
     result.output_error = worst
     if len(outs) != len(ref_outputs):
         result.problems.append(f"{len(outs)} outputs, the original model had {len(ref_outputs)}")
@@ -342,14 +342,14 @@ def _check_outputs_at_zero_probe(gm, probes, args, kwargs, ref_outputs, result: 
 
 def check_weights(model, manifest: dict, result: VerifyReport) -> bool:
     """Compare every tensor with the manifest's digests (problems); return whether non-probe
-    weights were recorded as trained (the comparison at ``W_R = 0`` then does not apply)."""
+    weights were recorded as trained (the comparison at ``r = 0`` (``r_gain = 0``) then does not apply)."""
     problems, trained = weight_problems(manifest, tensor_digests(model))
     result.problems += problems
     if not manifest.get("digests") and manifest.get("weights_digest") and weights_digest(model) != manifest["weights_digest"]:
         trained = ["(format 1: non-probe weights changed)"]
     if trained:
         result.notes.append(f"{len(trained)} non-probe tensor(s) recorded as trained since conversion (fine-tuning): "
-                            "the comparison with the original model's outputs at W_R = 0 does not apply; skipped")
+                            "the comparison with the original model's outputs at r = 0 (r_gain = 0) does not apply; skipped")
     return bool(trained)
 
 
@@ -385,7 +385,7 @@ def verify(directory: str | Path) -> VerifyReport:
         pass
     elif any(site.get("fit") and site.get("rewritable") for site in report.get("sites", [])):
         # LLA sites were converted approximately: at W_R = 0 they compute softmax, not LLA.
-        result.notes.append("approximate LLA conversion (see the sites' fit report): W_R = 0 gives softmax "
+        result.notes.append("approximate LLA conversion (see the sites' fit report): r = 0 gives softmax "
                             "attention at those sites, not the original LLA; the comparison does not apply; skipped")
     else:
         _check_outputs_at_zero_probe(gm, probes, args, kwargs, ref_outputs, result)

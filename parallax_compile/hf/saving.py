@@ -134,7 +134,7 @@ def verify_hf(directory) -> VerifyReport:
     """Re-check a Hugging Face conversion directory (same checks as
     :func:`parallax_compile.saving.verify`): every tensor against the manifest's digests, every
     Parallax attention call against the float64 reference with the saved probes, then (unless
-    non-probe weights are recorded as trained) the outputs at ``W_R = 0`` against the original
+    non-probe weights are recorded as trained) the outputs at ``r = 0`` (``r_gain = 0``) against the original
     model's."""
     from .auto import load_pretrained
     from .upgrade import _outputs
@@ -185,7 +185,7 @@ def verify_hf(directory) -> VerifyReport:
         err = relative_error(new, ref, valid)
         result.output_error = err
         if not err <= TOLERANCE.get(ref.dtype, 1e-5):
-            result.problems.append(f"output differs from the original model at W_R = 0 by {err:.2e}")
+            result.problems.append(f"output differs from the original model at r = 0 (r_gain = 0) by {err:.2e}")
     if not result.op_errors:
         result.problems.append("no Parallax attention ran (is the model's attention implementation 'parallax'?)")
     result.ok = not result.problems
