@@ -203,7 +203,12 @@ def test_triton_decode_variant_rules():
     assert td.shape_class(8, 4, 1, 1, 256, 256, 32768, 132) == ("group", 256, "narrow", "short")
     assert td.shape_class(1, 8, 8, 1, 128, 128, 131072, 132) == ("one", 128, "narrow", "long")
     assert td.shape_class(4, 8, 8, 2, 64, 64, 100, 132) == ("group", 128, "narrow", "short")  # Lq 2: a group
-    assert td.pick_variant(2, 4, 4, 3, 96, 96, 999, 132) == td.DecodeVariant()  # class not in the table
+    sentinel = td.DecodeVariant(mode="unstack", programs_per_sm=2)
+    listed = td.shape_class(2, 4, 4, 3, 96, 96, 999, 132)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(td, "_DISPATCH", {listed: sentinel})
+        assert td.pick_variant(2, 4, 4, 3, 96, 96, 999, 132) == sentinel  # the table's entry
+        assert td.pick_variant(8, 4, 1, 1, 256, 256, 32768, 132) == td.DecodeVariant()  # class not in it
     n, chunk = td.split_plan(1, 8, 16384, 132, td.DecodeVariant())
     assert chunk % td.SPLIT_GRANULE == 0 and (n - 1) * chunk < 16384 <= n * chunk  # tile L_max, none empty
     assert n <= td.pick_num_splits(1, 8, 16384, 132) and td.split_plan(1, 8, 16384, 132, td.DecodeVariant(

@@ -208,10 +208,11 @@ def _prune(configs, named_args, **kwargs):
     dv = kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 128))
     item = named_args["k"].element_size() if hasattr(named_args.get("k"), "element_size") else 2
 
-    def footprint(c):
-        return c.num_stages * c.kwargs["BLOCK_N"] * (d + dv) * item
+    def tile(c):
+        return c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
-    keep = [c for c in configs if footprint(c) <= SMEM_BUDGET] or [min(configs, key=footprint)]
+    keep = [c for c in configs if tile_fits(tile(c), d, dv, item)] or \
+        [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_N"])]
     return keep if AUTOTUNE else keep[:1]
 
 
@@ -600,7 +601,7 @@ def parallax_decode(q: Tensor, r: Tensor, k_cache: Tensor, v_cache: Tensor, cach
     if vector:
         kernel = _decode_vec if tile is not None else parallax_decode_vec_kernel
     else:
-        stack = var.mode == "stack"
+        stack = var.mode != "unstack"  # "vector" on a group (G * Lq > 1) falls back to stack
         kernel = _decode_fwd if tile is not None else parallax_decode_fwd_kernel
         consts |= {"G": g, "LQ": lq, "BLOCK_M": max(8 if stack else 16, triton.next_power_of_2(g * lq)),
                        "PREC": "ieee" if q.dtype == torch.float32 else "tf32",

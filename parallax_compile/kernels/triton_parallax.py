@@ -1245,12 +1245,10 @@ def _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, wind
         hkv, lk = k.shape[1], k.shape[2]
         cu_q = cu_k = torch.empty(1, dtype=torch.int32, device=q.device)
         s_stats = (lse.stride(0), lse.stride(1), lse.stride(2))
-    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    dr = _empty(*q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(*k.shape, dtype=k.dtype, device=k.device)
     dv_ = _empty(*v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dr.zero_(), dk.zero_(), dv_.zero_()
+        return torch.zeros_like(q), torch.zeros_like(q), dk.zero_(), dv_.zero_()
     dc = _empty(*lse.shape, dtype=torch.float32, device=q.device)
     drow = _empty(*lse.shape, dtype=torch.float32, device=q.device)
     mask, mask_kind, s_mask = _mask_args(attn_mask, b, hq, lq, lk, q.device)
@@ -1273,7 +1271,7 @@ def _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, wind
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dr_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
-        dq_acc = dr_acc = torch.empty(1, dtype=torch.float32, device=q.device)
+        dq_acc = dr_acc = dc  # unused (ATOMIC_DQ off): any fp32 tensor
     s_acc = _strides3(dq_acc, vl) if var.atomic_dq else (0, 0, 0)
     parallax_bwd_kernel_dkv[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
         q, r, k, v, mask, do, lse, c, dc, drow, dk, dv_, dq_acc, dr_acc, cu_q, cu_k,
@@ -1281,6 +1279,8 @@ def _bwd(grad_out, q, r, k, v, out, mu_v, lse, c, attn_mask, scale, causal, wind
     )
     if var.atomic_dq:
         return dq_acc.to(q.dtype), dr_acc.to(q.dtype), dk, dv_
+    dq = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    dr = _empty(*q.shape, dtype=q.dtype, device=q.device)
     parallax_bwd_kernel_dq[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), hq, b)](
         q, r, k, v, mask, do, lse, c, dc, drow, dq, dr, cu_q, cu_k,
         *in_strides, *_strides3(dq, vl), *scalars, **common,
