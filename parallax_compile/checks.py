@@ -9,13 +9,25 @@ import hashlib
 import math
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .probes import is_probe
 
-__all__ = ["TOLERANCE", "is_probe", "relative_error", "tensor_digests", "weights_digest"]
+__all__ = ["TOLERANCE", "is_probe", "outputs_error", "relative_error", "tensor_digests", "weights_digest"]
 
 # Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def outputs_error(new, ref, valid: torch.Tensor | None = None) -> tuple[float, bool]:
+    """``(worst, ok)`` over the floating-point leaves of two output pytrees: the largest
+    :func:`relative_error` and whether every leaf is within ``TOLERANCE`` of its dtype."""
+    worst, ok = 0.0, True
+    for a, b in zip(pytree.tree_leaves(new), pytree.tree_leaves(ref)):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            err = relative_error(a, b, valid)
+            worst, ok = max(worst, err), ok and err <= TOLERANCE.get(b.dtype, 1e-5)
+    return worst, ok
 
 
 def relative_error(new, ref, valid: torch.Tensor | None = None) -> float:

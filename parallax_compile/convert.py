@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .checks import TOLERANCE, relative_error, tensor_digests, weights_digest
+from .checks import TOLERANCE, outputs_error, relative_error, tensor_digests, weights_digest
 from .passes.adversarial import adversarial_variants, mask_inputs
 from .passes.capture import Capture, capture, mark_specialised, record
 from .passes.match import Skip, find_sites
@@ -75,16 +75,6 @@ class ConversionInfo:
 
 def _tol(t: torch.Tensor) -> float:
     return TOLERANCE.get(t.dtype, 1e-5)
-
-
-def _outputs_error(new, ref, valid) -> tuple[float, bool]:
-    worst, ok = 0.0, True
-    for a, b in zip(pytree.tree_leaves(new), pytree.tree_leaves(ref)):
-        if isinstance(b, torch.Tensor) and b.is_floating_point():
-            err = relative_error(a, b, valid)
-            worst = max(worst, err)
-            ok = ok and err <= _tol(b)
-    return worst, ok
 
 
 def _prepare(cap: Capture) -> tuple[list[AttentionSite], dict, Any]:
@@ -168,8 +158,8 @@ def run_conversion(model, example_inputs, *, dynamic_dims=None, valid_positions=
         err = relative_error(values[new["out"]], ref)
         site.max_error = err
         if not bool((values[new["r"]] == 0).all()):
-            _revert(gm, site, new, path, "the replayed query chain does not map W_R = 0 to r = 0 "
-                    "(e.g. a per-head norm with a bias)")
+            _revert(gm, site, new, path, "r is not 0 at r_gain = 0 (the replayed query chain gives a "
+                    "non-finite value)")
         elif err > _tol(ref):
             _revert(gm, site, new, path, f"the Parallax op at r = 0 differs from the original "
                     f"attention by {err:.2e} (relative), above {_tol(ref):.0e}")
@@ -281,7 +271,7 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
         return 0.0
     probes = {id(s): gm.get_parameter(gain_path(added[id(s)][1])) for s in live}
     out = cap.run(gm)
-    worst, ok = _outputs_error(out, ref_out, valid_positions)
+    worst, ok = outputs_error(out, ref_out, valid_positions)
     floats = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()
               and t.requires_grad]
     bad_grad = set()
@@ -305,7 +295,7 @@ def _check_model(cap, gm, sites, added, ref_out, valid_positions) -> float:
                 _revert(gm, s, new, path, f"the model's outputs changed by {worst:.2e} after rewriting")
     if bad_grad or not ok:
         gm.recompile()
-        worst, _ = _outputs_error(cap.run(gm), ref_out, valid_positions)
+        worst, _ = outputs_error(cap.run(gm), ref_out, valid_positions)
     return worst
 
 

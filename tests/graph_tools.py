@@ -1,5 +1,5 @@
 """Test helpers shared by the model tests: what each ``parallax.attention`` node of a converted
-module actually received when it ran."""
+module actually received when it ran, and probes switched on as fine-tuning leaves them."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ def record_parallax_calls(gm: fx.GraphModule, inputs: dict[str, Any], keep_of) -
         flat = rec.run(*pytree.tree_leaves(inputs))  # the unlifted graph takes the flattened inputs
     spec = getattr(gm, "_out_spec", None)
     return (pytree.tree_unflatten(pytree.tree_leaves(flat), spec) if spec is not None else flat), rec.calls
+
+
+def switch_on_probes(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
+    """Random ``W_R`` (normal, ``std``) and gains ``r_gain`` of about one (``1 + 0.5 * N(0, 1)``):
+    the probes as a fine-tuning run leaves them (at conversion the gains are zero)."""
+    import parallax_compile
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in parallax_compile.named_probe_parameters(model):
+            if name.rsplit(".", 1)[-1].startswith("r_gain"):  # r_gain, r_gain_1, ...
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)

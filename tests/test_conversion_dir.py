@@ -18,6 +18,11 @@ import torch
 import parallax_compile as pc
 from parallax_compile.conversion_dir import OutputNotAllowed, read_manifest
 
+try:
+    from graph_tools import switch_on_probes
+except ImportError:  # imported by the CLI as `tests.<module>:factory` (the repo root on sys.path)
+    from tests.graph_tools import switch_on_probes
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +52,6 @@ def _probe_params(model):
     return {n: p for n, p in model.named_parameters() if pc.saving.is_probe(n)}
 
 
-def _randomise_probes(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in _probe_params(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
-
-
 @pytest.fixture()
 def upgraded():
     """A tiny Llama upgraded in place (random probes), and its example inputs."""
@@ -63,7 +61,7 @@ def upgraded():
     ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     hf.upgrade(model, inputs)
-    _randomise_probes(model)
+    switch_on_probes(model)
     return model, inputs
 
 

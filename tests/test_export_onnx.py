@@ -38,6 +38,11 @@ from parallax_compile.export.onnx_function import DOMAIN, DOMAIN_VERSION, OP_TYP
 from parallax_compile.models import load_model
 from parallax_compile.reference import parallax_attention_ref
 
+try:
+    from graph_tools import switch_on_probes
+except ImportError:  # imported by the CLI as `tests.<module>:factory` (the repo root on sys.path)
+    from tests.graph_tools import switch_on_probes
+
 REL_TOL = 1e-5  # fp32: max abs error relative to the output's max abs value
 
 
@@ -195,15 +200,10 @@ def test_tiny_llama_with_live_probes(tiny_llama, tmp_path):
     """Random W_R (the correction branch active, through the model's real q chain): ORT equals
     PyTorch at the export shape and at another batch / length."""
     loaded, gm = tiny_llama
-    named = dict(pc.named_probe_parameters(gm))  # W_R and the gains (zero at conversion)
-    probes = list(named.values())
+    probes = list(pc.probe_parameters(gm))  # W_R and the gains (zero at conversion)
     saved = [p.detach().clone() for p in probes]
-    gen = torch.Generator().manual_seed(5)
     try:
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if n.endswith("r_gain")
-                        else torch.randn(p.shape, generator=gen) * 0.1)
+        switch_on_probes(gm, seed=5)
         path = export_onnx(gm, path=tmp_path / "llama_probes.onnx")
         with torch.no_grad():
             moved = _main(gm(**loaded.example_inputs))
@@ -290,13 +290,7 @@ def llama_with_past(tmp_path_factory):
     loaded = load_model("tiny-llama")
     model = loaded.model
     upgrade(model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims, valid_positions=loaded.valid_positions)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "r_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-            elif "r_gain" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    switch_on_probes(model, seed=7, std=0.2)
     inputs = {k: v for k, v in loaded.example_inputs.items() if k != "use_cache"}
     out = tmp_path_factory.mktemp("llama_onnx")
     report = export_onnx_dir(out, model, inputs, valid=loaded.valid_positions, new_tokens=6)
@@ -422,20 +416,11 @@ def cumsum_decoder():
     return ToyDecoder(positions="cumsum").eval()
 
 
-def _live_probes(gm, seed: int) -> None:
-    """Random ``W_R`` and non-zero gains ``r_gain``: the model a fine-tuning run leaves."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pc.named_probe_parameters(gm):
-            p.copy_(1 + 0.5 * torch.rand(p.shape, generator=gen) if name.endswith("r_gain")
-                    else torch.randn(p.shape, generator=gen) * 0.3)
-
-
 def _convert_toy(**kwargs):
     model = ToyDecoder(**kwargs).eval()
     gm, info = run_conversion(model, model.example_inputs)
     assert len(info.rewritten) == 1, [s.reason for s in info.sites]
-    _live_probes(gm, seed=1)
+    switch_on_probes(gm, seed=1, std=0.3)
     return gm
 
 
@@ -499,7 +484,7 @@ def nanogpt_with_past(tmp_path_factory):
     loaded = load_model("nanogpt", seq_len=12, batch_size=2)
     gm, info = run_conversion(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims)
     assert len(info.rewritten) == 4
-    _live_probes(gm, seed=2)
+    switch_on_probes(gm, seed=2, std=0.3)
     out = tmp_path_factory.mktemp("nanogpt_onnx")
     report = export_onnx_dir(out, gm, loaded.example_inputs, new_tokens=5)
     return gm, out, report

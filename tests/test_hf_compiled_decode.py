@@ -46,20 +46,11 @@ import parallax_compile
 from parallax_compile import hf
 from parallax_compile.models import load_model
 
+from graph_tools import switch_on_probes
+
 TOL = 1e-5
 GPU_TOL = 1e-4
 NEW_TOKENS = 6
-
-
-def _randomise_probes(model, seed=0):
-    """Random ``W_R`` (std 0.1) and gains about one: the probes switched on."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in parallax_compile.named_probe_parameters(model):
-            if name.endswith("r_gain"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _models(family):
@@ -69,7 +60,7 @@ def _models(family):
     info = hf.upgrade(loaded.model, loaded.example_inputs, dynamic_dims=loaded.dynamic_dims,
                       valid_positions=loaded.valid_positions)
     assert len(info.rewritten) == loaded.model.config.num_hidden_layers
-    _randomise_probes(loaded.model)
+    switch_on_probes(loaded.model)
     return original, loaded.model
 
 

@@ -26,18 +26,9 @@ from parallax_compile import hf
 from parallax_compile.hf import attention as hf_attention
 from parallax_compile.models import load_model
 
+from graph_tools import switch_on_probes
+
 FAMILIES = ["llama", "qwen3", "mistral", "gemma3", "gpt2", "opt", "phi3", "gpt_neox"]
-
-
-def _randomise_probes(model, seed=0, std=0.1):
-    """Random ``W_R`` and gains of about one (the probes switched on)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in parallax_compile.named_probe_parameters(model):
-            if name.endswith("r_gain"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -93,7 +84,7 @@ def test_generate_with_a_static_cache_at_zero_probe(upgraded, n_prompt):
 
 def test_probes_change_the_output(upgraded):
     _, original, model, _ = upgraded
-    _randomise_probes(model)
+    switch_on_probes(model)
     ids, mask = _prompt(model.config.vocab_size, [9, 9])
     with torch.no_grad():
         a = original(input_ids=ids, attention_mask=mask).logits
@@ -103,7 +94,7 @@ def test_probes_change_the_output(upgraded):
 
 def test_left_padding_matches_unpadded_rows(upgraded):
     _, _, model, _ = upgraded
-    _randomise_probes(model, seed=2)
+    switch_on_probes(model, seed=2)
     ids, mask = _prompt(model.config.vocab_size, [10, 6], seed=3)
     with torch.no_grad():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # GPT-2's learned positions count from the first real token
@@ -116,7 +107,7 @@ def test_kv_cache_decode_equals_recompute(upgraded, monkeypatch):
     """Greedy decode with the KV cache (decode steps through parallax_attention_with_kvcache)
     gives the same tokens and logits as recomputing the whole prefix every step."""
     _, _, model, _ = upgraded
-    _randomise_probes(model, seed=4)
+    switch_on_probes(model, seed=4)
     calls = []
     real = hf_attention.parallax_attention_with_kvcache
 
@@ -139,7 +130,7 @@ def test_kv_cache_decode_equals_recompute(upgraded, monkeypatch):
 
 def test_save_pretrained_round_trip(upgraded, tmp_path):
     _, _, model, _ = upgraded
-    _randomise_probes(model, seed=6)
+    switch_on_probes(model, seed=6)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["parallax_probes"] == {o: list(model.get_submodule(o).r_proj.weight.shape) for o in cfg["parallax_probes"]}
@@ -272,7 +263,7 @@ def test_gpu_generate_uses_the_decode_kernel(family, monkeypatch):
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw),
                        original.generate(input_ids=ids, attention_mask=mask, **kw))
     assert calls
-    _randomise_probes(model, seed=10)
+    switch_on_probes(model, seed=10)
     kw |= {"output_logits": True, "return_dict_in_generate": True}
     cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
     fresh = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)

@@ -17,7 +17,7 @@ new tokens like ``q`` (SPEC section 5).
 
 That is exact for every input only when every other computation acts on each position on its own.
 The transformation proves it by following the sequence axis through the graph, op by op
-(:func:`_sequence_axes`): elementwise ops, linear layers, norms over features, embeddings,
+(:class:`_Axes`): elementwise ops, linear layers, norms over features, embeddings,
 reshapes that keep the axis whole, transposes, splits and concatenations off the axis,
 reductions off the axis; the only op that mixes positions is the Parallax op; the sequence length
 is used only as a shape, or as ``arange(0, S)`` (the positions). Anything else (a non-causal or
@@ -130,8 +130,8 @@ class _Axes:
     value does not depend on the tokens, e.g. a weight or a constant table), or a tuple of those for
     ops returning several tensors. ``positions``: the ``arange(0, S)`` nodes found."""
 
-    def __init__(self, gm: fx.GraphModule, token: fx.Node, seq):
-        self.gm, self.seq, self.axis = gm, seq, {token: 1}
+    def __init__(self, token: fx.Node, seq):
+        self.seq, self.axis = seq, {token: 1}
         self.positions: list[fx.Node] = []
 
     def is_seq(self, d) -> bool:
@@ -173,7 +173,7 @@ class _Axes:
                 raise NoKVCache(f"{_where(node)} indexes a tensor in Python")
             return parent[args[1]] if isinstance(parent, tuple) else None
         if not isinstance(v, (torch.Tensor, list, tuple)):  # a Python number (a size...) or nothing
-            if v is not None and (t in _SCALAR_TARGETS or _scalar_op(t)):
+            if v is not None and _scalar_op(t):
                 return None
             if tensors or lengths:
                 raise NoKVCache(f"{_where(node)} turns a tensor into a Python number, or has no shape "
@@ -378,15 +378,6 @@ def _names_of_outputs(gm: fx.GraphModule, count: int) -> list[str]:
     return names
 
 
-def _drop_dead(graph: fx.Graph) -> None:
-    """Dead-code elimination that also drops unused eval-mode dropouts (FX keeps them as random
-    ops; the conversion leaves the replaced softmax chain alive through one)."""
-    for node in reversed(list(graph.nodes)):
-        dead = node.op == "call_function" and not node.users
-        if dead and (node.target in DROPOUTS or not node.is_impure()):
-            graph.erase_node(node)
-
-
 def _drop_empty_row_guard(mask: fx.Node, op: fx.Node, where: str) -> None:
     """The rewrite keeps softmax's NaN on a row with every key masked as
     ``where(any(mask, -1), out, nan)``; a causal mask keeps the diagonal, so no row is empty and the
@@ -461,7 +452,7 @@ def with_kv_cache(gm: fx.GraphModule) -> KVCacheGraph:
                             "num_kv_heads, sequence, head_dim] with one head_dim")
         if mask is not None:
             ms = shape_of(mask)
-            proven = (val(mask).dtype == torch.bool and ms is not None and len(ms) >= 2
+            proven = (ms is not None and val(mask).dtype == torch.bool and len(ms) >= 2
                       and _same_expr(ms[-2], seq) and _same_expr(ms[-1], seq)
                       and proven_lower_triangular(gm, mask))
             if not proven:
@@ -472,8 +463,8 @@ def with_kv_cache(gm: fx.GraphModule) -> KVCacheGraph:
         node.args = (q, r, k, v, None, scale, True, window)
         node.kwargs = {}
         cache.append((k, v))
-    _drop_dead(graph)
-    axes = _Axes(gm, token, seq)
+    drop_dead_code(graph)
+    axes = _Axes(token, seq)
     axes.run(graph)
     (out_node,) = [n for n in graph.nodes if n.op == "output"]
     outputs = list(_flat([out_node.args[0]]))
@@ -546,15 +537,12 @@ def recompute_greedy(module, token_input: str, prompt: torch.Tensor, new_tokens:
     """Greedy generation by recomputation: each step runs ``module`` on the whole sequence so far
     (no cache). ``prompt`` int64 ``[B, L]``. Returns ``(tokens [B, L + new_tokens], logits per step)``:
     step 0 the prompt's ``[B, L, vocab]``, then the last position's ``[B, 1, vocab]``."""
-    from torch.utils import _pytree as pytree
+    from .onnx_dir import _main_output
 
     tokens, steps = prompt, []
     with torch.no_grad():
         for i in range(new_tokens):
-            out = module(**{token_input: tokens})
-            logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
-            logits = pytree.tree_leaves(out)[0] if logits is None else logits
-            logits = logits.float().cpu()
+            logits = _main_output(module(**{token_input: tokens})).float().cpu()
             steps.append(logits if i == 0 else logits[:, -1:])
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1)[:, None].to(tokens.device)], dim=1)
     return tokens.cpu(), steps

@@ -35,8 +35,8 @@ graph path) converts them.
 
 from __future__ import annotations
 
-import functools
 import copy
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
-from ..checks import TOLERANCE, relative_error, tensor_digests, weights_digest
+from ..checks import TOLERANCE, outputs_error, relative_error, tensor_digests, weights_digest
 from ..convert import ConversionInfo
 from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
@@ -215,15 +215,6 @@ def remove_probes(model, owners, previous_impl: str) -> None:
     model.set_attn_implementation(previous_impl)
 
 
-def _max_error(new, ref, valid) -> tuple[float, bool]:
-    worst, ok = 0.0, True
-    for a, b in zip(pytree.tree_leaves(new), pytree.tree_leaves(ref)):
-        if isinstance(b, torch.Tensor) and b.is_floating_point():
-            err = relative_error(a, b, valid)
-            worst, ok = max(worst, err), ok and err <= TOLERANCE.get(b.dtype, 1e-5)
-    return worst, ok
-
-
 def _within_original_rounding(model, owners, previous, args, kwargs, out, ref, valid) -> bool:
     """Fallback of the r_gain = 0 check for an fp32 model just outside ``TOLERANCE``: deep models
     amplify rounding (Gemma 3 270M, 18 layers: 1.16e-5 between two fp32 runs of the same math on
@@ -241,8 +232,8 @@ def _within_original_rounding(model, owners, previous, args, kwargs, out, ref, v
     del original
     exact = pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                             exact)
-    new_err, _ = _max_error(out, exact, valid)
-    old_err, _ = _max_error(ref, exact, valid)
+    new_err, _ = outputs_error(out, exact, valid)
+    old_err, _ = outputs_error(ref, exact, valid)
     return new_err <= 1.5 * old_err
 
 
@@ -292,12 +283,12 @@ def _check_chain(model, plan: dict[str, ProbePlan], args, kwargs) -> list[str]:
         if q is None or q.shape != r.shape or relative_error(r * p.scale, q) > TOLERANCE.get(q.dtype, 1e-5):
             bad.append(owner_path)
     return bad
+
+
 def _own_config(model) -> None:
     """Give ``model`` (and its submodules that share it) a copy of its config: the upgrade writes
     ``parallax_probes`` and the attention implementation into it, which must not reach another
     model built from the same config object."""
-    import copy
-
     memo: dict = {}
     copy.deepcopy(model.config, memo)  # memo: id(config or sub-config) -> its copy
     for m in model.modules():
@@ -348,7 +339,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         missing = [o for o in owners if attention.CALLS.get(id(model.get_submodule(o)), 0) == 0]
         if missing:
             raise RuntimeError(f"the attention of {missing} did not run through the parallax implementation")
-        worst, ok = _max_error(out, ref, valid_positions)
+        worst, ok = outputs_error(out, ref, valid_positions)
         if not ok:
             ok = _within_original_rounding(model, owners, previous, args, kwargs, out, ref, valid_positions)
         if not ok:
