@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
-from ..checks import TOLERANCE, outputs_error, relative_error, tensor_digests, weights_digest
+from ..checks import (TOLERANCE, float64_outputs, outputs_error, relative_error, tensor_digests, weights_digest,
+                      within_fp32_rounding)
 from ..convert import ConversionInfo
 from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
@@ -215,30 +216,12 @@ def remove_probes(model, owners, previous_impl: str) -> None:
     model.set_attn_implementation(previous_impl)
 
 
-def _within_original_rounding(model, owners, previous, args, kwargs, out, ref, valid) -> bool:
-    """Fallback of the r_gain = 0 check for an fp32 model just outside ``TOLERANCE``: deep models
-    amplify rounding (Gemma 3 270M, 18 layers: 1.16e-5 between two fp32 runs of the same math on
-    16 CPU threads), so run the *original* model (a copy with the probes removed) in float64 and
-    accept when the upgraded fp32 outputs are no farther from it than the original fp32 outputs
-    are (times 1.5, for the rounding of the comparison itself)."""
-    leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not leaves or any(t.dtype != torch.float32 for t in leaves):
-        return False
-    original = copy.deepcopy(model)
-    remove_probes(original, owners, previous)
-    original.double()
-    with torch.no_grad():
-        exact = _outputs(original(*pytree.tree_map(_to64, args), **pytree.tree_map(_to64, kwargs)))
-    del original
-    exact = pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-                            exact)
-    new_err, _ = outputs_error(out, exact, valid)
-    old_err, _ = outputs_error(ref, exact, valid)
-    return new_err <= 1.5 * old_err
-
-
-def _to64(t):
-    return t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+def original_float64(model, owners, previous_impl: str, args, kwargs):
+    """The outputs of the original model (a copy of the upgraded ``model`` with the probes of
+    ``owners`` removed and attention ``previous_impl``) in float64, for
+    :func:`~parallax_compile.checks.within_fp32_rounding`; ``None`` when it cannot run in float64."""
+    return float64_outputs(model, args, kwargs, outputs=_outputs,
+                           prepare=lambda m: remove_probes(m, owners, previous_impl))
 
 
 def _outputs(out):
@@ -341,7 +324,8 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
             raise RuntimeError(f"the attention of {missing} did not run through the parallax implementation")
         worst, ok = outputs_error(out, ref, valid_positions)
         if not ok:
-            ok = _within_original_rounding(model, owners, previous, args, kwargs, out, ref, valid_positions)
+            ok = within_fp32_rounding(out, ref, original_float64(model, owners, previous, args, kwargs),
+                                      valid_positions)
         if not ok:
             raise RuntimeError(f"the model's outputs changed by {worst:.2e} (relative) at r_gain = 0")
         gains = [model.get_submodule(o).r_gain for o in owners]

@@ -18,6 +18,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ..checks import float64_outputs
+
 
 @dataclass
 class Capture:
@@ -218,6 +220,14 @@ def _set_training(model: torch.nn.Module, mode: bool) -> None:
         model.train(mode)
     except NotImplementedError:
         pass
+
+
+def original_float64(model: torch.nn.Module, cap: Capture):
+    """``model``'s outputs on the capture's inputs, run as it was captured (eval mode, no KV cache)
+    on a float64 copy: the exact reference of
+    :func:`~parallax_compile.checks.within_fp32_rounding`; ``None`` when it cannot run in float64."""
+    with cache_disabled(model, cap.kwargs):
+        return float64_outputs(model, cap.args, cap.kwargs, prepare=lambda m: _set_training(m, False))
 
 
 def capture(model: torch.nn.Module, example_inputs, *, dynamic_dims=None, dynamic: bool = True) -> Capture:
