@@ -136,7 +136,9 @@ def probe_heads(owner, x: torch.Tensor, position_embeddings=None) -> torch.Tenso
     if position_embeddings is not None:
         rotary = getattr(sys.modules[type(owner).__module__], "apply_rotary_pos_emb")
         cos, sin = position_embeddings
-        r = rotary(r, r, cos, sin)[0]
+        # The family's function rotates a (q, k) pair: k is one head of r (a valid MQA k), not a
+        # second full copy of r, and its result is dropped.
+        r = rotary(r, r[:, :1], cos, sin)[0]
     return r
 
 
