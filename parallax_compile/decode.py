@@ -40,9 +40,10 @@ def _err(msg: str) -> str:
 
 
 def check_kvcache_args(q, r, k_cache, v_cache, cache_seqlens, block_table, scale, window_size,
-                       num_splits=None) -> int:
+                       num_splits=None, check_values=True) -> int:
     """Validate every argument before any compute; returns ``L_max`` (the cache capacity per
-    sequence). Raises ``TypeError`` / ``ValueError`` naming the argument and the expected shape."""
+    sequence). Raises ``TypeError`` / ``ValueError`` naming the argument and the expected shape.
+    ``check_values=False`` skips the range checks of ``cache_seqlens`` / ``block_table`` (a host sync)."""
     for name, t in (("q", q), ("r", r), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor):
             raise TypeError(_err(f"`{name}` must be a torch.Tensor, got {type(t).__name__}"))
@@ -97,7 +98,7 @@ def check_kvcache_args(q, r, k_cache, v_cache, cache_seqlens, block_table, scale
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(_err(f"`num_splits` must be a positive int or None (heuristic), got {num_splits!r}"))
     capturing = (q.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling()
-    if not capturing and b > 0:  # value checks need a host sync: skipped in CUDA-graph capture and compile
+    if check_values and not capturing and b > 0:  # a host sync: skipped in CUDA-graph capture and compile
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0 or hi > l_max:
             raise ValueError(_err(f"`cache_seqlens` must lie in [0, L_max = {l_max}], got min {lo}, max {hi}"))
@@ -168,6 +169,7 @@ def parallax_attention_with_kvcache(
     scale: float | None = None,
     window_size: int | None = None,
     num_splits: int | None = None,
+    check_values: bool = True,
 ) -> Tensor:
     """Parallax attention of the last ``Lq`` tokens of each sequence against its KV cache
     (decode; paper arXiv 2605.29157, SPEC sections 2, 3 and 5). ``r`` is never cached.
@@ -202,6 +204,10 @@ def parallax_attention_with_kvcache(
         num_splits: key splits per (sequence, KV head) for the CUDA kernel (split-KV; the
             partial statistics ``(m, d1, d2, O1, O2)`` are merged exactly, SPEC section 3);
             None picks it from the grid size and ``L_max``. Ignored by the portable path.
+        check_values: False skips the range checks of ``cache_seqlens`` and ``block_table`` (see
+            Raises) and their host sync, for a caller whose values are in range by construction
+            (the vLLM backend: its block table is sized from the lengths once per step, the block
+            ids are vLLM's own).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in ``q``'s dtype (statistics and accumulators fp32; fp64 for fp32
@@ -214,7 +220,8 @@ def parallax_attention_with_kvcache(
         checks of ``cache_seqlens`` / ``block_table`` need a host sync and are skipped while a
         CUDA graph is being captured or ``torch.compile`` traces the call.)
     """
-    l_max = check_kvcache_args(q, r, k_cache, v_cache, cache_seqlens, block_table, scale, window_size, num_splits)
+    l_max = check_kvcache_args(q, r, k_cache, v_cache, cache_seqlens, block_table, scale, window_size, num_splits,
+                               check_values)
     s = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) if scale is None else float(scale)
     if q.is_cuda:
         td = _triton_decode()

@@ -296,6 +296,31 @@ def test_with_kvcache_argument_errors(change, match):
                                         block_table=c.get("block_table"), window_size=c["window_size"])
 
 
+def test_with_kvcache_check_values_false_skips_only_the_range_checks():
+    """``check_values=False`` (the vLLM backend's per-layer call): the same output, no host sync
+    (``aten._local_scalar_dense``, which the default range checks need); shape errors still raised."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    c = make_case(7, 3, 6, 2, 1, 16, [11, 1, 17], 20, block_size=4)
+    want = _call(parallax_attention_with_kvcache, c, True, window_size=5)
+    with Syncs() as checked:
+        _call(parallax_attention_with_kvcache, c, True, window_size=5)
+    with Syncs() as unchecked:
+        got = _call(parallax_attention_with_kvcache, c, True, window_size=5, check_values=False)
+    assert torch.equal(got, want) and _rel(got, oracle(c, 5)) <= 1e-5
+    assert checked.count > 0 and unchecked.count == 0, (checked.count, unchecked.count)
+    with pytest.raises(TypeError, match="cache_seqlens.*int32"):
+        parallax_attention_with_kvcache(c["q"], c["r"], c["k_pages"], c["v_pages"], block_table=c["block_table"],
+                                        cache_seqlens=c["cache_seqlens"].long(), check_values=False)
+
+
 @pytest.mark.skipif(IN_PROCESS or CUDA or not HAVE_TRITON, reason="runs only when triton was imported before the interpreter flag")
 def test_interpreter_subprocess():
     """Re-run this module in a fresh interpreter with ``TRITON_INTERPRET=1`` set before triton loads."""

@@ -21,6 +21,7 @@ when vllm is not importable.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -29,18 +30,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("vllm", reason="vLLM is not installed (a venv of its own: README 'Serving with vLLM')")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import vllm_tiny as vt
+from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from parallax_compile.reference import parallax_attention_ref
 from parallax_compile.vllm import hf_overrides, parallax_architecture, register
-from parallax_compile.vllm.backend import ParallaxAttentionImpl, ParallaxMetadata, pack_qr, unpack_output
+from parallax_compile.vllm.backend import (
+    ParallaxAttentionImpl,
+    ParallaxMetadata,
+    ParallaxMetadataBuilder,
+    pack_qr,
+    unpack_output,
+)
 
 HELPER = Path(__file__).parent / "vllm_tiny.py"
 ROOT = Path(__file__).parent.parent
@@ -48,8 +58,34 @@ ROOT = Path(__file__).parent.parent
 
 # --- the backend alone ------------------------------------------------------------------------------
 
+class _HostSyncs(TorchDispatchMode):
+    """Counts host syncs (``.item()``, ``int(t)``, ``.tolist()``: ``aten._local_scalar_dense``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def _build(qsl: list[int], seq_lens: list[int], block_table: torch.Tensor, block_size: int,
+           padded_tokens: int = 3) -> ParallaxMetadata:
+    """The step's metadata through the backend's builder, from vLLM's own ``CommonAttentionMetadata``."""
+    b, t = len(seq_lens), qsl[-1]
+    qsl_t = torch.tensor(qsl, dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl_t, query_start_loc_cpu=qsl_t, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        num_reqs=b, num_actual_tokens=t, max_query_len=max(e - s for s, e in itertools.pairwise(qsl)),
+        max_seq_len=max(seq_lens), block_table_tensor=block_table,
+        slot_mapping=torch.zeros(t + padded_tokens, dtype=torch.int64))
+    spec = SimpleNamespace(block_size=block_size)  # the builder reads only the block size of its spec
+    return ParallaxMetadataBuilder(spec, [], None, torch.device("cpu")).build(0, common)
+
+
 @pytest.mark.parametrize("window", [None, 8], ids=["full", "window8"])
-def test_backend_mixed_batch_matches_float64(window):
+def test_backend_mixed_batch_matches_float64(window, monkeypatch):
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, bs, num_blocks = 6, 2, 32, 16, 24
     # (query tokens, sequence length incl. them): decode, chunk of a chunked prefill, fresh prefill,
@@ -84,11 +120,15 @@ def test_backend_mixed_batch_matches_float64(window):
     qsl = [0]
     for n in lq:
         qsl.append(qsl[-1] + n)
-    seq_lens = [length for _, length in reqs]
-    meta = ParallaxMetadata(num_actual_tokens=t, query_start_loc=qsl, seq_lens=seq_lens,
-                            seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32), block_table=block_table,
-                            max_seq_len=max(seq_lens))
-    impl.forward(None, torch.cat([query, query[:3]]), None, None, kv_cache, meta, output)
+    meta = _build(qsl, [length for _, length in reqs], block_table, bs)
+    # the layer reads the step's indices: it builds none from host values and never syncs
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    with _HostSyncs() as syncs:
+        impl.forward(None, torch.cat([query, query[:3]]), None, None, kv_cache, meta, output)
+    monkeypatch.undo()
+    assert not made, f"the layer's forward built index tensors from host values: {made}"
+    assert syncs.count == 0, f"the layer's forward synced with the host {syncs.count} times"
     got = unpack_output(output[:t].reshape(t, -1), hkv).view(t, hq, d)
     for i, (n, length) in enumerate(reqs):
         s = qsl[i]

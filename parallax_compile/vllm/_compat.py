@@ -13,8 +13,9 @@ Internals (not a documented API; check them first when the vLLM version moves):
 * the per-layer KV cache view ``[num_blocks, Hkv, block_size, 2 * D]`` (logical, any stride order):
   the Parallax backend stores K in ``[..., :D]`` and V in ``[..., D:]`` itself
   (``do_kv_cache_update``), so it does not depend on any kernel's packing.
-* ``CommonAttentionMetadata`` fields ``query_start_loc_cpu``, ``seq_lens``, ``block_table_tensor``,
-  ``num_actual_tokens``, ``max_seq_len``.
+* ``CommonAttentionMetadata`` fields ``num_reqs``, ``query_start_loc_cpu``, ``seq_lens``,
+  ``block_table_tensor``, ``num_actual_tokens``; the builder's ``kv_cache_spec.block_size`` (the
+  block size of the block table and of the layers' cache views, kernel block size included).
 * the model attribute ``allow_patterns_overrides`` read by vLLM's default loader (the Parallax
   classes set it to ``["model*.safetensors"]`` so ``reference.safetensors``, written by
   ``parallax-compile convert``, is not read as weights);

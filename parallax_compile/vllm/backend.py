@@ -22,6 +22,10 @@ of request ``b`` are ``query_start_loc[b]:query_start_loc[b+1]`` and sit at the 
   ``Lq < Lk``) and the layer's sliding window (the Triton kernel on CUDA, the chunked portable
   kernel on the CPU).
 
+Every index above (which requests decode, their rows, lengths and block table, the other requests'
+blocks) is built once per step by :meth:`ParallaxMetadataBuilder.build`, where the step's one host
+copy of ``seq_lens`` happens; a layer's forward only gathers its own cache and computes (no host sync).
+
 Refused with one line: ALiBi, logit soft-capping, attention sinks, a quantised KV cache,
 encoder / cross attention, KV sharing between layers, fused output quantisation.
 CUDA graphs are not supported (the builder says ``NEVER``; vLLM runs these layers eagerly).
@@ -30,7 +34,7 @@ CUDA graphs are not supported (the builder says ``NEVER``; vLLM runs these layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -39,7 +43,7 @@ from ..op import parallax_attention
 from . import _compat as c
 
 __all__ = ["BACKEND_NAME", "ParallaxAttentionBackend", "ParallaxAttentionImpl", "ParallaxMetadata",
-           "ParallaxMetadataBuilder", "pack_qr", "unpack_output"]
+           "ParallaxMetadataBuilder", "Prefill", "pack_qr", "unpack_output"]
 
 BACKEND_NAME = "PARALLAX"
 
@@ -59,14 +63,27 @@ def unpack_output(out: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return out.view(t, num_kv_heads, 2, -1)[:, :, 0].reshape(t, -1)
 
 
+class Prefill(NamedTuple):
+    """One request with more than one new token: its query rows ``start:end``, its length
+    ``seq_len`` (counting them) and its ``blocks`` (int64 ``[ceil(seq_len / block_size)]``)."""
+
+    start: int
+    end: int
+    seq_len: int
+    blocks: torch.Tensor
+
+
 @dataclass
 class ParallaxMetadata:
+    """What every Parallax layer of one step reads, built once per step by
+    :class:`ParallaxMetadataBuilder` (no layer derives indices or syncs with the host)."""
+
     num_actual_tokens: int
-    query_start_loc: list[int]  # [B + 1] (host)
-    seq_lens: list[int]  # [B] (host), counting the new tokens
-    seq_lens_t: torch.Tensor  # int32 [B] on the device
-    block_table: torch.Tensor  # int32 [B, max_blocks]
-    max_seq_len: int
+    block_size: int  # of the block table's blocks = the layers' cache blocks
+    decode_rows: torch.Tensor  # int64 [Bd]: the token row of each request with one new token
+    decode_seq_lens: torch.Tensor  # int32 [Bd], counting the new token
+    decode_block_table: torch.Tensor  # int32 [Bd, ceil(max decode_seq_lens / block_size)], contiguous
+    prefills: list[Prefill]  # every other request with new tokens
 
 
 class ParallaxMetadataBuilder(c.AttentionMetadataBuilder[ParallaxMetadata]):
@@ -78,14 +95,24 @@ class ParallaxMetadataBuilder(c.AttentionMetadataBuilder[ParallaxMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata,
               fast_build: bool = False) -> ParallaxMetadata:
+        """Once per step, for every layer of the group: which requests decode (one new token) and
+        their rows, lengths and block table; the other requests' rows, lengths and blocks (the one
+        host copy of ``seq_lens`` of the step is here, not in the layers)."""
         m = common_attn_metadata
-        b = m.num_reqs
+        b, bs = m.num_reqs, self.kv_cache_spec.block_size
         qsl = m.query_start_loc_cpu[: b + 1].tolist()
         seq_lens = m.seq_lens[:b].to(torch.int32)
-        return ParallaxMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl,
-                                seq_lens=seq_lens.cpu().tolist(), seq_lens_t=seq_lens,
-                                block_table=m.block_table_tensor[:b].to(torch.int32),
-                                max_seq_len=m.max_seq_len)
+        block_table = m.block_table_tensor[:b].to(torch.int32)
+        lens = seq_lens.cpu().tolist()
+        decode = [i for i in range(b) if qsl[i + 1] - qsl[i] == 1]
+        idx = torch.tensor(decode, dtype=torch.int64, device=block_table.device)
+        nb = -(-max((lens[i] for i in decode), default=0) // bs)
+        prefills = [Prefill(qsl[i], qsl[i + 1], lens[i], block_table[i, : -(-lens[i] // bs)].long())
+                    for i in range(b) if qsl[i + 1] - qsl[i] > 1]
+        rows = torch.tensor([qsl[i] for i in decode], dtype=torch.int64, device=block_table.device)
+        return ParallaxMetadata(num_actual_tokens=m.num_actual_tokens, block_size=bs, decode_rows=rows,
+                                decode_seq_lens=seq_lens[idx],
+                                decode_block_table=block_table[idx, :nb].contiguous(), prefills=prefills)
 
 
 class ParallaxAttentionImpl(c.AttentionImpl[ParallaxMetadata]):
@@ -133,23 +160,18 @@ class ParallaxAttentionImpl(c.AttentionImpl[ParallaxMetadata]):
         q = qr[:, :, 0].reshape(n, hkv * g, d)
         r = qr[:, :, 1].reshape(n, hkv * g, d)
         k_cache, v_cache = kv_cache[..., :d], kv_cache[..., d:]
+        if k_cache.shape[2] != m.block_size:
+            raise ValueError(f"parallax vLLM backend: the KV cache has blocks of {k_cache.shape[2]} tokens, "
+                             f"the metadata {m.block_size}")
         o = torch.empty_like(q)
-        decode = [i for i in range(len(m.seq_lens)) if m.query_start_loc[i + 1] - m.query_start_loc[i] == 1]
-        if decode:
-            rows = torch.tensor([m.query_start_loc[i] for i in decode], device=q.device)
-            idx = torch.tensor(decode, device=q.device)
-            nb = -(-max(m.seq_lens[i] for i in decode) // k_cache.shape[2])
+        rows = m.decode_rows
+        if rows.numel():
             out = parallax_attention_with_kvcache(
-                q[rows].unsqueeze(2), r[rows].unsqueeze(2), k_cache, v_cache, cache_seqlens=m.seq_lens_t[idx],
-                block_table=m.block_table[idx, :nb].contiguous(), scale=self.scale,
-                window_size=self.sliding_window)
+                q[rows].unsqueeze(2), r[rows].unsqueeze(2), k_cache, v_cache, cache_seqlens=m.decode_seq_lens,
+                block_table=m.decode_block_table, scale=self.scale, window_size=self.sliding_window,
+                check_values=False)  # in range by construction (build): no host sync per layer
             o[rows] = out.squeeze(2)
-        bs = k_cache.shape[2]
-        for i, length in enumerate(m.seq_lens):
-            s, e = m.query_start_loc[i], m.query_start_loc[i + 1]
-            if e - s <= 1:
-                continue
-            blocks = m.block_table[i, : -(-length // bs)].long()
+        for s, e, length, blocks in m.prefills:
             k = k_cache[blocks].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :length]
             v = v_cache[blocks].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)[:, :, :length]
             qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
