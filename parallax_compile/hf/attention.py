@@ -97,7 +97,7 @@ def parallax_attention_forward(
     if decode and (mask is None or (not no_sync and mask.dtype == torch.bool and bool(mask.all()))):
         seqlens = torch.full((b,), lk, dtype=torch.int32, device=q.device)
         out = parallax_attention_with_kvcache(q, r, key, value, cache_seqlens=seqlens, scale=scaling,
-                                              window_size=sliding_window)
+                                              window_size=sliding_window, check_values=False)  # lk: in range
         window, causal, mask = sliding_window, True, None
     else:
         window = None
