@@ -81,20 +81,13 @@ class _Mha(nn.Module):
         return out if weights is None else (out, weights)
 
 
-class _CrossMha(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
-
-    def forward(self, x, memory):
-        return self.attn(x, memory, memory, need_weights=False)[0]
-
-
 def _cross(kind: str) -> Callable[[], _Loaded]:
     def build() -> _Loaded:
+        from parallax_compile.models.torch_nn import CrossMha
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            m = _CrossMha() if kind == "mha" else nn.TransformerDecoderLayer(
+            m = CrossMha() if kind == "mha" else nn.TransformerDecoderLayer(
                 64, 4, dim_feedforward=128, batch_first=True, dropout=0.0)
             x, memory = torch.randn(2, 5, 64), torch.randn(2, 7, 64)
         what = "nn.MultiheadAttention(64, 4), cross-attention" if kind == "mha" else \

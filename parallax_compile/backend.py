@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .checks import TOLERANCE
 from .passes.parallax_pattern import ParallaxSite, find_parallax, rewrite_parallax
 from .passes.rewrite import drop_dead_code
 
@@ -125,8 +126,6 @@ def run_passes(aten_gm: fx.GraphModule, example_inputs=None) -> BackendReport:
                   if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
                   and not t.requires_grad}
     report.sites = find_parallax(aten_gm, inputs)
-    from .convert import TOLERANCE
-
     # The candidate region and the op are compared in float64 whatever the graph's dtype, so the
     # bar is fp32's (far above float64 rounding, far below any formula that is not Parallax): a
     # bf16 graph must not lower it to bf16's 1.6e-2 (which accepted `o1*(1+c) - 0.995*o2`).

@@ -22,6 +22,7 @@ from torch import nn
 
 from parallax_compile.convert import run_conversion
 from parallax_compile.models import IMPLEMENTATIONS, load_model
+from parallax_compile.models.torch_nn import CrossMha
 from parallax_compile.passes.capture import CACHE_NOTE
 
 transformers = pytest.importorskip("transformers")
@@ -159,15 +160,6 @@ def test_export_pytree_message_is_not_shown():
 # --- torch.nn cross-attention (issue 13, defect 10) ----------------------------------------------------
 
 
-class _CrossMha(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
-
-    def forward(self, x, memory):
-        return self.attn(x, memory, memory, need_weights=False)[0]
-
-
 def _cross_inputs(seed, lq=5, lk=7, batch=2):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, lq, 64, generator=g), torch.randn(batch, lk, 64, generator=g)
@@ -176,7 +168,7 @@ def _cross_inputs(seed, lq=5, lk=7, batch=2):
 def test_multihead_attention_cross_attention_is_rewritten():
     """q = x @ in_proj_weight[:E].T (a slice of the fused weight); Lq != Lk."""
     torch.manual_seed(0)
-    model = _CrossMha().eval()
+    model = CrossMha().eval()
     gm, info = run_conversion(model, _cross_inputs(0))
     assert len(info.sites) == 1 and info.sites[0].rewritable, info.sites[0].status
     assert gm.get_parameter("attn.r_proj.weight").shape == (64, 64)

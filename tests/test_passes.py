@@ -261,6 +261,77 @@ def test_eval_mode_dropout_matches():
     _convert_and_check(WithDropout(), (torch.randn(2, 8, 64),))
 
 
+def test_inactive_dropout_and_random_ops():
+    """One rule for every pass: ``dropout(x, p, train=False)`` and ``p == 0`` are the identity; a
+    training-mode dropout and the ops of ``RANDOM_OPS`` are random."""
+    from parallax_compile.passes.graph_ops import is_inactive_dropout, is_random
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    cases = {
+        "eval": (g.call_function(aten.dropout.default, (x, 0.1, False)), True),
+        "p0": (g.call_function(aten.dropout.default, (x, 0.0, True)), True),
+        "kwargs_eval": (g.call_function(aten.dropout.default, (x,), {"p": 0.1, "train": False}), True),
+        "feature_eval": (g.call_function(aten.feature_dropout.default, (x, 0.3, False)), True),
+        "train": (g.call_function(aten.dropout.default, (x, 0.1, True)), False),
+        "in_place_train": (g.call_function(aten.dropout_.default, (x, 0.1, True)), False),
+    }
+    for name, (node, inactive) in cases.items():
+        assert is_inactive_dropout(node) is inactive, name
+        assert is_random(node) is not inactive, name
+    for target, args in [(aten.native_dropout.default, (x, 0.1, False)), (aten.randn_like.default, (x,)),
+                         (aten.bernoulli.p, (x, 0.5))]:
+        node = g.call_function(target, args)
+        assert is_random(node) and not is_inactive_dropout(node), target
+    assert not is_random(g.call_function(aten.relu.default, (x,))) and not is_random(x)
+
+
+def test_same_size_compares_symbolic_dims_without_guards():
+    """Sizes read from an exported graph with dynamic dims: equal expressions (also written
+    differently) are the same size, other symbols and static sizes are not, and no guard is added."""
+    from torch.export import Dim
+
+    from parallax_compile.passes.graph_ops import same_shape, same_size
+
+    class Cat(nn.Module):
+        def forward(self, x, y):
+            return torch.cat([x, x], 0), y + 1
+
+    ep = torch.export.export(Cat(), (torch.randn(3, 4), torch.randn(5, 4)),
+                             dynamic_shapes=({0: Dim("a")}, {0: Dim("b")}))
+    x, y = (n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder")
+    cat = next(n.meta["val"] for n in ep.graph.nodes if n.target is torch.ops.aten.cat.default)
+    a, b = x.shape[0], y.shape[0]
+    env = a.node.shape_env
+    guards = len(env.guards)
+    assert same_size(a, a) and same_size(cat.shape[0], a + a) and same_size(cat.shape[0], 2 * a)
+    assert not same_size(a, b) and not same_size(a, 3) and not same_size(cat.shape[0], 6)
+    assert same_size(4, 4) and not same_size(4, 5) and not same_size(None, None)
+    assert same_shape(x.shape, (a, 4)) and not same_shape(x.shape, y.shape) and not same_shape(x.shape, (a,))
+    assert len(env.guards) == guards
+
+
+class NoisyQuery(Heads):
+    """``randn_like`` on the query chain (times 0, so the outputs are deterministic): the probe's
+    replay would draw other numbers than ``q``, so the chain cannot be replayed."""
+
+    def forward(self, x):
+        b, l, _ = x.shape
+        q = self.q_proj(x)
+        q = (q + torch.randn_like(q) * 0.0).view(b, l, self.h, self.dh).transpose(1, 2)
+        _, k, v = self.qkv(x)
+        return self.out(F.softmax(q @ k.transpose(-2, -1) * self.dh**-0.5, dim=-1) @ v)
+
+
+def test_random_op_in_query_chain_is_skipped():
+    """``randn_like`` is random in the query chain as in the Parallax pattern pass: the site is skipped
+    with that reason (the query chain's own list used to miss it; the replay was then refused later
+    by the probe-linearity check, with a reason that did not name the cause)."""
+    _, info = _convert_and_check(NoisyQuery(), (torch.randn(2, 8, 64),), rewritten=0)
+    assert "random" in info.sites[0].reason, info.sites[0].reason
+
+
 # --- 7. fp16 q/k/v with an fp32 additive mask -----------------------------------------------------
 
 

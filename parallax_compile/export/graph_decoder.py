@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from ..passes.match import CASTS, DROPOUTS, RESHAPES, shape_of, val
+from ..passes.graph_ops import DROPOUTS, same_size, size_expr
+from ..passes.match import CASTS, RESHAPES, shape_of, val
 from ..passes.parallax_pattern import proven_lower_triangular
 from ..passes.rewrite import drop_dead_code
 
@@ -84,25 +85,8 @@ _MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
 _VIEWS = RESHAPES | {aten.flatten.using_ints, aten.unflatten.int}
 
 
-def _expr(d):
-    import sympy
-
-    if isinstance(d, torch.SymInt):
-        return d.node.expr
-    if isinstance(d, (int, bool)):
-        return sympy.Integer(int(d))
-    return d if isinstance(d, sympy.Basic) else None
-
-
-def _same_expr(a, b) -> bool:
-    import sympy
-
-    ea, eb = _expr(a), _expr(b)
-    return ea is not None and eb is not None and sympy.expand(ea - eb) == 0
-
-
 def _prod(dims):
-    return math.prod(_expr(d) for d in dims) if dims else _expr(1)
+    return math.prod(size_expr(d) for d in dims) if dims else size_expr(1)
 
 
 def _where(node: fx.Node) -> str:
@@ -135,7 +119,7 @@ class _Axes:
         self.positions: list[fx.Node] = []
 
     def is_seq(self, d) -> bool:
-        return isinstance(d, torch.SymInt) and _same_expr(d, self.seq)
+        return isinstance(d, torch.SymInt) and same_size(d, self.seq)
 
     def mentions_seq(self, x) -> bool:
         """A scalar argument whose value depends on the sequence length."""
@@ -298,7 +282,7 @@ class _Axes:
         shape = shape_of(x)
         if self.is_seq(shape[ax]):
             for j, d in enumerate(v.shape):
-                if self.is_seq(d) and _same_expr(_prod(v.shape[:j]), _prod(shape[:ax])):
+                if self.is_seq(d) and same_size(_prod(v.shape[:j]), _prod(shape[:ax])):
                     return j
         raise NoKVCache(f"{_where(node)} merges or splits the sequence axis")
 
@@ -443,17 +427,17 @@ def with_kv_cache(gm: fx.GraphModule) -> KVCacheGraph:
         q, r, k, v, mask, scale, causal, window = _op_args(node)
         where = _where(node)
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
-        if not (_same_expr(qs[2], seq) and _same_expr(ks[2], seq)):
+        if not (same_size(qs[2], seq) and same_size(ks[2], seq)):
             raise NoKVCache(f"Parallax site {where} attends to keys of length {ks[2]}, not the input's "
                             "sequence (cross-attention)")
-        if not (_same_expr(ks[0], batch) and isinstance(ks[1], int) and isinstance(ks[3], int)
+        if not (same_size(ks[0], batch) and isinstance(ks[1], int) and isinstance(ks[3], int)
                 and vs[3] == ks[3]):
             raise NoKVCache(f"Parallax site {where}: k is {tuple(ks)} and v {tuple(vs)}, not [batch, "
                             "num_kv_heads, sequence, head_dim] with one head_dim")
         if mask is not None:
             ms = shape_of(mask)
             proven = (ms is not None and val(mask).dtype == torch.bool and len(ms) >= 2
-                      and _same_expr(ms[-2], seq) and _same_expr(ms[-1], seq)
+                      and same_size(ms[-2], seq) and same_size(ms[-1], seq)
                       and proven_lower_triangular(gm, mask))
             if not proven:
                 raise NoKVCache(f"Parallax site {where} has a mask that is not a proven causal mask")

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ..checks import relative_error
+
 __all__ = ["MODEL_FILE", "ORT_TOLERANCE", "OnnxExport", "export_onnx_dir", "is_parallax_decoder"]
 
 MODEL_FILE = "model.onnx"
@@ -133,7 +135,6 @@ def export_onnx_dir(
     """
     import onnx
 
-    from ..convert import relative_error
     from .graph_decoder import NoKVCache, export_graph_decoder_onnx, recompute_greedy, with_kv_cache
     from .onnx import export_onnx, parallax_nodes, run_onnx
     from .onnx_decoder import export_decoder_onnx, ort_greedy

@@ -47,6 +47,7 @@ import operator
 import torch
 from torch import fx
 
+from .graph_ops import same_shape
 from .match import (
     CASTS,
     DIVS,
@@ -258,18 +259,13 @@ def _square(shp) -> bool:
     return isinstance(shp[-1], int) and isinstance(shp[-2], int) and shp[-1] == shp[-2]
 
 
-def _same_shape(a, b) -> bool:
-    """Shape equality without guards on symbolic dims (compared by expression)."""
-    return a is not None and b is not None and len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
-
-
 def _output_node(sm: fx.Node, anchor: fx.Node, mu_v: fx.Node, order: dict[fx.Node, int], dead) -> fx.Node:
     """The first node after ``anchor`` shaped like ``mu_v`` through which every (live) use of the
     softmax's descendants leaves the site."""
     below = _descendants(sm) - dead
     want = shape_of(mu_v)
     for cand in sorted((n for n in below if order[n] > order[anchor]), key=order.get):
-        if not _same_shape(shape_of(cand), want):
+        if not same_shape(shape_of(cand), want):
             continue
         region, todo = set(), [cand]
         while todo:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .graph_ops import DROPOUTS, dropout_args, is_inactive_dropout
 from .site import AttentionSite, MaskTerm, owner_path
 
 aten = torch.ops.aten
@@ -42,7 +43,6 @@ ADDS = {aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar}
 SUBS = {aten.sub.Tensor, aten.sub.Scalar, aten.sub_.Tensor}
 FILLS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
 WHERES = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
-DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 SDPA = aten.scaled_dot_product_attention.default
 
@@ -382,8 +382,8 @@ def _match_softmax(gm, sm: fx.Node) -> AttentionSite:
             n = u
             continue
         if u.target in DROPOUTS:
-            p, train = u.args[1], u.args[2] if len(u.args) > 2 else True
-            if train and p:
+            if not is_inactive_dropout(u):
+                p = dropout_args(u)[0]
                 raise Skip(f"attention dropout p={p} in training mode (convert in eval mode)")
             dropouts.append(u)
             n = u

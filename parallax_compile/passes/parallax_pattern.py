@@ -21,7 +21,7 @@ Nothing is rewritten on structure alone. Each candidate is **verified numericall
 region and its replacement (the op with the mask :func:`.rewrite.build_mask` emits) run side by
 side in float64 on fresh random ``q, k, v, r`` (and random masks, or the exact causal pattern
 when the mask was proven causal) at the example's shapes, and the replacement is kept only when
-``relative_error`` (from :mod:`..convert`) is within ``TOLERANCE`` of the graph's dtype.
+``relative_error`` (from :mod:`..checks`) is within ``TOLERANCE`` of the graph's dtype.
 A mask is turned into ``causal=True`` only when it is proven lower-triangular by structure:
 ``tril(ones(L, L))``, ``triu(ones, 1)`` as the dropped set, or a registered lower-triangular
 buffer sliced ``[..., :L, :L]`` (nanoGPT), through ``~``, ``== 0`` and casts.
@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..checks import relative_error
+from .graph_ops import DROPOUTS, is_random, same_shape, same_size
 from .match import (
     CASTS,
-    DROPOUTS,
     PRODUCTS,
     SOFTMAX,
     NoMatch,
@@ -65,8 +66,6 @@ MAX_REGION = 256  # nodes between the softmax and the output; a larger region is
 VIEWS = CASTS | {aten.transpose.int, aten.permute.default, aten.t.default, aten.expand.default,
                  aten.reshape.default, aten.view.default, aten._unsafe_view.default,
                  aten.unsqueeze.default, aten.slice.Tensor, aten.repeat_interleave.self_int}
-RANDOM = {aten.native_dropout.default, aten.bernoulli.default, aten.bernoulli.p, aten.rand_like.default,
-          aten.randn_like.default, aten.rand.default, aten.randn.default}
 NOTS = {aten.logical_not.default, aten.bitwise_not.default}
 
 
@@ -102,14 +101,6 @@ class ParallaxSite:
 # --- the region after the softmax -------------------------------------------------------------
 
 
-def _same_size(a, b) -> bool:
-    return a is b or (isinstance(a, int) and isinstance(b, int) and a == b) or str(a) == str(b)
-
-
-def _same_shape(a, b) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b))
-
-
 def _output_of(s: fx.Node, lq, dv_candidates) -> tuple[fx.Node, list[fx.Node]]:
     """Walk forward from ``s`` until all its paths meet in one node ``[..., Lq, Dv]``."""
     region, open_ = [s], {s}
@@ -123,8 +114,8 @@ def _output_of(s: fx.Node, lq, dv_candidates) -> tuple[fx.Node, list[fx.Node]]:
             if node.users:
                 open_.add(node)
             shp = shape_of(node)
-            if open_ == {node} and shp is not None and len(shp) == 4 and _same_size(shp[-2], lq) \
-                    and any(_same_size(shp[-1], d) for d in dv_candidates):
+            if open_ == {node} and shp is not None and len(shp) == 4 and same_size(shp[-2], lq) \
+                    and any(same_size(shp[-1], d) for d in dv_candidates):
                 return node, region
         node = node.next
     raise NoMatch("the softmax's uses never meet in one [B, H, Lq, Dv] output")
@@ -236,7 +227,7 @@ def _match_one(gm: fx.GraphModule, s: fx.Node, inputs=None) -> ParallaxSite:
             continue
         if base is v_base or a is s:
             continue
-        if _same_shape(shape_of(a), qs) and a is not q:
+        if same_shape(shape_of(a), qs) and a is not q:
             r_cands.add(a)
             continue
         if a.op != "call_function" or len(extra) > MAX_REGION:
@@ -250,8 +241,7 @@ def _match_one(gm: fx.GraphModule, s: fx.Node, inputs=None) -> ParallaxSite:
     site.form = "covariance" if uses_mu_k else "streaming"
     if len(r_cands) > 1:
         return site.skip(f"{len(r_cands)} tensors shaped like q feed the output; cannot tell the probe")
-    if any(n.target in RANDOM or (n.target in DROPOUTS and len(n.args) > 2 and n.args[2] and n.args[1])
-           for n in region + extra):
+    if any(is_random(n) for n in region + extra):
         return site.skip("random ops (dropout in training mode) in the attention")
     if k_gqa != v_gqa:
         return site.skip(f"K is repeated by {k_gqa} but V by {v_gqa}")
@@ -295,7 +285,7 @@ def _lower_or_upper(gm, node, flipped=False, depth=12, inputs=None):
                 or (inner.target is aten.full.default and inner.args[1] in (1, True)))):
             return None
         shp = shape_of(inner)
-        if shp is None or not _same_size(shp[-1], shp[-2]):
+        if shp is None or not same_size(shp[-1], shp[-2]):
             return None
         if t is aten.tril.default and diag == 0:
             return done("lower")
@@ -327,7 +317,7 @@ def proven_lower_triangular(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _detect_causal(gm, site: ParallaxSite, inputs=None) -> None:
     q, k = site.nodes["q"], site.nodes["k"]
-    if not _same_size(shape_of(q)[-2], shape_of(k)[-2]):
+    if not same_size(shape_of(q)[-2], shape_of(k)[-2]):
         return
     for term in list(site.terms):
         if not isinstance(term.node, fx.Node):
@@ -414,8 +404,6 @@ def _random_leaf(node, kind: str, gen: torch.Generator, causal: bool) -> torch.T
 def _check(gm: fx.GraphModule, site: ParallaxSite, new_out: fx.Node, seed: int = 0) -> float:
     """Run the hand-written region and its replacement in float64 (inputs and every dtype
     argument) on random inputs; return the relative error of the replacement."""
-    from ..convert import relative_error
-
     n = site.nodes
     leaves = {n["q"]: "tensor", n["k"]: "tensor", n["v"]: "tensor", n["r"]: "tensor"}
     causal_nodes = {t.node for t in n.get("causal_terms", [])}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .graph_ops import is_random
 from .match import CASTS, DIVS, MULS, Skip, const_value, val
 
 aten = torch.ops.aten
@@ -35,8 +36,6 @@ aten = torch.ops.aten
 TRANSPOSES = {aten.t.default, aten.transpose.int, aten.numpy_T.default, aten.permute.default}
 ROW_BLOCKS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor,
               aten.narrow.default}
-RANDOM_OPS = {aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default, aten.rand_like.default,
-              aten.feature_dropout.default}
 INDEX_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.split.Tensor,
     aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, operator.getitem,
@@ -224,7 +223,7 @@ def find_query_chain(gm: fx.GraphModule, q: fx.Node, limit: int = 400) -> QueryC
     for n in nodes:
         if n.op != "call_function" or (isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable):
             raise Skip(f"the query chain contains `{n.target}`, which cannot be replayed")
-        if n.target in RANDOM_OPS and not _inactive_dropout(n):
+        if is_random(n):
             raise Skip("the query chain is random (dropout); it cannot be replayed")
     prefix = []
     for n in nodes:
@@ -234,15 +233,6 @@ def find_query_chain(gm: fx.GraphModule, q: fx.Node, limit: int = 400) -> QueryC
                        nodes=nodes, prefix=prefix, q=q, weight_rows=rows, weight_transposed=stored_transposed)
     chain.description = _describe(gm, chain)
     return chain
-
-
-def _inactive_dropout(n: fx.Node) -> bool:
-    """``dropout(x, p, train=False)`` or ``p == 0``: the identity, not random."""
-    if n.target not in (aten.dropout.default, aten.feature_dropout.default):
-        return False
-    p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p")
-    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)
-    return train is False or p == 0
 
 
 def locate_query_block(chain: QueryChain, values: dict) -> None:

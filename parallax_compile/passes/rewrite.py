@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from ..probes import gain_name, init_probe_weight, new_gain
+from .graph_ops import same_shape
 from .match import needs_logits, shape_of, val
 from .query_chain import QueryChain, place_probe, replay
 from .site import AttentionSite
@@ -191,7 +192,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, chain: QueryChain, pat
             # q = 0, so its weights are softmax(original logits) exactly, and g = r . k as always.
             mask, scale, causal = site.nodes["logits"], 1.0, False
             product = site.nodes.get("scores")
-            if product is not None and shape_of(mask) != shape_of(product):  # logits of reshaped scores (Bloom)
+            # Logits of reshaped scores (Bloom).
+            if product is not None and not same_shape(shape_of(mask), shape_of(product)):
                 mask = _to_product_layout(graph, mask, mask, product)
             q = _call(graph, aten.zeros_like.default, q)
             if site.nodes["rank"] == 3:
