@@ -237,7 +237,9 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
         losses.append(value.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"rank {rank}: loss {losses[-1]} at step {step}")
-        print(f"rank {rank} step {step + 1} loss {losses[-1]:.6f} tok/s {x.numel() / times[-1]:,.0f}", flush=True)
+        # one write per line: the ranks share torchrun's stdout
+        print(f"rank {rank} step {step + 1} loss {losses[-1]:.6f} tok/s {x.numel() / times[-1]:,.0f}\n",
+              end="", flush=True)
         done = step + 1
         if args.ckpt_dir and ((args.save_every and done % args.save_every == 0) or done == args.steps):
             path = args.ckpt_dir / f"step_{done:06d}"

@@ -331,11 +331,15 @@ def verify(converted: Path, as_json: bool) -> None:
     for e in report.op_errors:
         table.add_row(e["node"], e["dtype"], f"{e['error']:.2e}", f"{e['tolerance']:.0e}")
     console.print(table)
-    nonzero = sum(1 for v in report.probe_norms.values() if v > 0)
+    gains = [v for n, v in report.probe_norms.items() if "r_gain" in n]
+    weights = [v for n, v in report.probe_norms.items() if "r_gain" not in n]
+    live = sum(1 for v in gains if v > 0)
+    state = ("all zero: r = 0, the model computes softmax attention until the gains train" if gains and not live
+             else f"{live} non-zero")
     compared = (f"max relative error {report.output_error:.2e}" if math.isfinite(report.output_error)
                 else "not compared (see the note)")
-    console.print(f"probe tensors (W_R, r_gain): {len(report.probe_norms)}, {nonzero} non-zero; "
-                  f"outputs at r = 0 (r_gain = 0) vs original: {compared}")
+    console.print(f"probes: {len(weights)} W_R tensor(s) ({sum(1 for v in weights if v > 0)} non-zero), "
+                  f"{len(gains)} r_gain ({state}); outputs at r = 0 (r_gain = 0) vs original: {compared}")
     console.print(f"shapes: {_shapes_line(read_manifest(converted))}")
     for note in report.notes:
         console.print(f"note: {note}")

@@ -54,6 +54,11 @@ def read_manifest(directory: str | Path) -> dict:
     Raises ``FileNotFoundError`` (no manifest) or ``ValueError`` (not a manifest)."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
+        if (Path(directory) / ".metadata").is_file():  # torch.distributed.checkpoint's own file
+            raise FileNotFoundError(
+                f"{directory} is a training checkpoint (DCP), not a conversion directory: write one with "
+                "parallax_compile.distributed.checkpoint_to_conversion(checkpoint, base_dir, out_dir) "
+                "(or examples/train_distributed.py --export DIR)")
         raise FileNotFoundError(f"{directory} is not a conversion directory: {MANIFEST_FILE} is missing")
     try:
         manifest = json.loads(path.read_text())
@@ -176,7 +181,7 @@ def check_output(directory: str | Path, *, source: str | None = None, model_id: 
     same = (source is not None and manifest.get("source") == source) or (
         model_id is not None and manifest.get("model_digest") == model_id)
     if not same:
-        raise OutputNotAllowed(f"output {out} holds a conversion of another model ({manifest.get('source') or 'unknown'}); "
+        raise OutputNotAllowed(f"output {out} holds another conversion (source: {manifest.get('source') or 'unknown'}); "
                                "pass --overwrite (overwrite=True) to replace it")
     if manifest.get("trained"):
         raise OutputNotAllowed(f"output {out} holds a fine-tuned conversion ({len(manifest['trained'])} trained "

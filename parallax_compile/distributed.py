@@ -27,8 +27,10 @@ Needs the ``models`` extra (transformers) for the Hugging Face parts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -245,7 +247,18 @@ def save_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     state = {"model": model_sd, "train": {"step": torch.tensor(step)}}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=str(path))
+    with _single_process_is_meant():
+        dcp.save(state, checkpoint_id=str(path))
+
+
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """DCP warns "torch.distributed is ... uninitialized, assuming the intent is to load/save in a
+    single process" whenever no process group is up, even for ``no_dist=True``: here one process
+    (``--strategy none``, the export) is the intent, so the warning is dropped; nothing else is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        yield
 
 
 def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -261,7 +274,8 @@ def load_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     state = {"model": model_sd, "train": {"step": torch.tensor(0)}}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     return int(state["train"]["step"])
@@ -287,7 +301,8 @@ def checkpoint_to_conversion(checkpoint, base_dir, out_dir, *, overwrite: bool =
     state = {"model": model.state_dict()}
     # this process alone, even inside a process group (rank 0 after training); raises when a
     # parameter is missing from the checkpoint
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     model.load_state_dict(state["model"])
     # the conversion directory of any save: manifest (weights recorded as trained), reference, tokenizer
     hf.save_hf(model, out_dir, trained=True, overwrite=True, tokenizer_dir=base_dir)

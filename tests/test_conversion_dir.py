@@ -313,7 +313,7 @@ def test_cli_convert_output_safety(tmp_path):
     proc = _cli("convert", "tests.test_conversion_dir:factory", "-o", out)  # same model again: allowed
     assert proc.returncode == 0, proc.stderr
     proc = _cli("convert", "nanogpt", "--seq-len", "16", "-o", out)  # another model
-    assert proc.returncode == 1 and "another model" in proc.stderr + proc.stdout
+    assert proc.returncode == 1 and "another conversion" in proc.stderr + proc.stdout
     blocker = tmp_path / "a-file"  # -o under a file: cannot be created (chmod would not stop root)
     blocker.write_text("")
     proc = _cli("convert", "tests.test_conversion_dir:factory", "-o", blocker / "sub")

@@ -127,6 +127,6 @@ def _load_nanogpt(seq_len: int, batch_size: int) -> LoadedModel:
         valid_positions=None,
         description=(
             f"nanoGPT-style byte-level causal LM ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
-            f"hand-written masked_fill attention), random weights, real text [{batch_size}, {seq_len}]"
+            f"hand-written masked_fill attention), random weights, example input: real text [{batch_size}, {seq_len}]"
         ),
     )

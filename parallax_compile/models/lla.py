@@ -247,5 +247,5 @@ def load_lla(solver: str = "solve", *, seq_len: int = 64, batch_size: int = 2, s
         valid_positions=None,
         description=(f"byte-level causal LM with Local Linear Attention ({c.n_layer} layers, {c.n_head} heads / "
                      f"{c.n_kv_head} KV heads, head_dim {c.head_dim}, lambda={c.ridge:g}, solved with {how}), "
-                     f"random weights, real text [{batch_size}, {seq_len}]"),
+                     f"random weights, example input: real text [{batch_size}, {seq_len}]"),
     )
