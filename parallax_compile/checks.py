@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from .probes import is_probe
 
-__all__ = ["TOLERANCE", "float64_outputs", "is_probe", "outputs_error", "relative_error", "tensor_digests",
+__all__ = ["TOLERANCE", "float64_outputs", "is_probe", "main_output", "outputs_error", "relative_error", "tensor_digests",
            "weights_digest", "within_fp32_rounding"]
 
 # Max abs error relative to the reference's max abs value, per output dtype (fp32: the issue's 1e-5).
@@ -32,6 +32,16 @@ def outputs_error(new, ref, valid: torch.Tensor | None = None) -> tuple[float, b
     return worst, ok
 
 
+def main_output(out) -> torch.Tensor:
+    """The tensor a model's output is compared by: ``logits``, else ``last_hidden_state`` (a
+    transformers ``ModelOutput``; not its KV cache), else the first tensor leaf (``out`` itself for a
+    tensor)."""
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return pytree.tree_leaves(out)[0]
+
+
 def within_fp32_rounding(new, ref, exact, valid: torch.Tensor | None = None) -> bool:
     """Fallback of the ``r = 0`` output checks for an fp32 model just outside ``TOLERANCE``.
 
@@ -42,7 +52,8 @@ def within_fp32_rounding(new, ref, exact, valid: torch.Tensor | None = None) -> 
     (:func:`float64_outputs`), or ``None`` when it cannot run in float64. True when every fp32 leaf
     of ``new`` is no farther from ``exact`` than ``ref`` is, times 1.5 (the rounding of the
     comparison itself). A real change of the outputs is larger than the original's own rounding and
-    is still refused (``tests/test_probes.py``: a 1e-3 change is refused where the rounding is 8e-7).
+    is still refused (``tests/test_rounding_fallback.py``, ``tests/test_probes.py``: a 1e-3 change is
+    refused where the rounding is 8e-7).
     Leaves of another dtype than fp32 never take the fallback."""
     if exact is None:
         return False

@@ -32,7 +32,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from . import __version__
-from .checks import TOLERANCE, is_probe, relative_error, tensor_digests, weights_digest
+from .checks import is_probe, outputs_error, tensor_digests, weights_digest
 from .conversion_dir import (FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE, check_output, read_manifest,
                              record_weights, warn_unrecorded, weight_problems, write_atomically)
 from .convert import ConversionInfo
@@ -328,13 +328,10 @@ def _check_outputs_at_zero_probe(gm, probes, args, kwargs, ref_outputs, result: 
         outs = pytree.tree_leaves(gm(*args, **kwargs))
         for n, p in probes.items():
             p.copy_(saved[n])
-    worst = 0.0
-    for new, ref in zip(outs, ref_outputs):
-        if isinstance(ref, torch.Tensor) and ref.is_floating_point():
-            err = relative_error(new, ref)
-            worst = max(worst, err)
-            if not err <= TOLERANCE.get(ref.dtype, 1e-5):
-                result.problems.append(f"output differs from the original model at r = 0 (r_gain = 0) by {err:.2e}")
+    pairs = [(a, b) for a, b in zip(outs, ref_outputs) if isinstance(b, torch.Tensor)]
+    worst, ok = outputs_error([a for a, _ in pairs], [b for _, b in pairs])
+    if not ok:
+        result.problems.append(f"output differs from the original model at r = 0 (r_gain = 0) by {worst:.2e}")
     result.output_error = worst
     if len(outs) != len(ref_outputs):
         result.problems.append(f"{len(outs)} outputs, the original model had {len(ref_outputs)}")

@@ -1,5 +1,6 @@
 """Test helpers shared by the model tests: what each ``parallax.attention`` node of a converted
-module actually received when it ran, and probes switched on as fine-tuning leaves them."""
+module actually received when it ran, probes switched on as fine-tuning leaves them, and a host-sync
+counter."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def probe_of(r: fx.Node) -> str:
@@ -58,3 +60,16 @@ def switch_on_probes(model: torch.nn.Module, seed: int = 0, std: float = 0.1) ->
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts host syncs while active (``.item()``, ``int(t)``, ``.tolist()``: each is one
+    ``aten._local_scalar_dense``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))

@@ -299,20 +299,13 @@ def test_with_kvcache_argument_errors(change, match):
 def test_with_kvcache_check_values_false_skips_only_the_range_checks():
     """``check_values=False`` (the vLLM backend's per-layer call): the same output, no host sync
     (``aten._local_scalar_dense``, which the default range checks need); shape errors still raised."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Syncs(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
+    from graph_tools import HostSyncs
 
     c = make_case(7, 3, 6, 2, 1, 16, [11, 1, 17], 20, block_size=4)
     want = _call(parallax_attention_with_kvcache, c, True, window_size=5)
-    with Syncs() as checked:
+    with HostSyncs() as checked:
         _call(parallax_attention_with_kvcache, c, True, window_size=5)
-    with Syncs() as unchecked:
+    with HostSyncs() as unchecked:
         got = _call(parallax_attention_with_kvcache, c, True, window_size=5, check_values=False)
     assert torch.equal(got, want) and _rel(got, oracle(c, 5)) <= 1e-5
     assert checked.count > 0 and unchecked.count == 0, (checked.count, unchecked.count)

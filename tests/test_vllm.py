@@ -34,12 +34,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("vllm", reason="vLLM is not installed (a venv of its own: README 'Serving with vLLM')")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import vllm_tiny as vt
+from graph_tools import HostSyncs
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from parallax_compile.reference import parallax_attention_ref
@@ -57,18 +57,6 @@ ROOT = Path(__file__).parent.parent
 
 
 # --- the backend alone ------------------------------------------------------------------------------
-
-class _HostSyncs(TorchDispatchMode):
-    """Counts host syncs (``.item()``, ``int(t)``, ``.tolist()``: ``aten._local_scalar_dense``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
 
 def _build(qsl: list[int], seq_lens: list[int], block_table: torch.Tensor, block_size: int,
            padded_tokens: int = 3) -> ParallaxMetadata:
@@ -124,7 +112,7 @@ def test_backend_mixed_batch_matches_float64(window, monkeypatch):
     # the layer reads the step's indices: it builds none from host values and never syncs
     made, tensor = [], torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
-    with _HostSyncs() as syncs:
+    with HostSyncs() as syncs:
         impl.forward(None, torch.cat([query, query[:3]]), None, None, kv_cache, meta, output)
     monkeypatch.undo()
     assert not made, f"the layer's forward built index tensors from host values: {made}"

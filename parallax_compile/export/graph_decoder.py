@@ -521,12 +521,12 @@ def recompute_greedy(module, token_input: str, prompt: torch.Tensor, new_tokens:
     """Greedy generation by recomputation: each step runs ``module`` on the whole sequence so far
     (no cache). ``prompt`` int64 ``[B, L]``. Returns ``(tokens [B, L + new_tokens], logits per step)``:
     step 0 the prompt's ``[B, L, vocab]``, then the last position's ``[B, 1, vocab]``."""
-    from .onnx_dir import _main_output
+    from ..checks import main_output
 
     tokens, steps = prompt, []
     with torch.no_grad():
         for i in range(new_tokens):
-            logits = _main_output(module(**{token_input: tokens})).float().cpu()
+            logits = main_output(module(**{token_input: tokens})).float().cpu()
             steps.append(logits if i == 0 else logits[:, -1:])
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1)[:, None].to(tokens.device)], dim=1)
     return tokens.cpu(), steps

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
-from ..checks import relative_error
+from ..checks import main_output, relative_error
 
 __all__ = ["MODEL_FILE", "ORT_TOLERANCE", "OnnxExport", "export_onnx_dir", "is_parallax_decoder"]
 
@@ -76,13 +75,6 @@ def is_parallax_decoder(model) -> bool:
     config = getattr(model, "config", None)
     return (getattr(config, "parallax_probes", None) is not None and getattr(model, "can_generate", bool)()
             and not getattr(config, "is_encoder_decoder", False))
-
-
-def _main_output(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        if getattr(out, name, None) is not None:
-            return getattr(out, name)
-    return pytree.tree_leaves(out)[0]
 
 
 def _write_side_files(out: Path, config, tokenizer_dir) -> list[str]:
@@ -183,7 +175,7 @@ def export_onnx_dir(
         report.error = max(relative_error(a, b) for a, b in zip(steps, want))
         return report
     with torch.no_grad():
-        want = _main_output(module(**inputs))
+        want = main_output(module(**inputs))
     if decoder:
         gen = module.generation_config
         prompt, prompt_mask = inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..checks import TOLERANCE, is_probe, relative_error, tensor_digests, within_fp32_rounding
+from ..checks import is_probe, main_output, outputs_error, tensor_digests, within_fp32_rounding
 from ..conversion_dir import (FORMAT_VERSION, MANIFEST_FILE, REFERENCE_FILE, check_output, model_digest,
                               read_manifest, record_weights, warn_unrecorded, write_atomically)
 from ..convert import ConversionInfo
@@ -146,7 +146,6 @@ def verify_hf(directory) -> VerifyReport:
     non-probe weights are recorded as trained) the outputs at ``r = 0`` (``r_gain = 0``) against the original
     model's."""
     from .auto import load_pretrained
-    from .upgrade import _outputs
 
     directory = Path(directory)
     report = read_manifest(directory)
@@ -185,15 +184,15 @@ def verify_hf(directory) -> VerifyReport:
         with torch.no_grad():
             for p in probes.values():
                 p.zero_()
-            new = _outputs(model(**kwargs))
+            new = main_output(model(**kwargs))
             for n, p in probes.items():
                 p.copy_(saved[n])
         ref = tensors["output.0"]
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if isinstance(mask, torch.Tensor) and not bool(mask.all()) else None
-        err = relative_error(new, ref, valid)
+        err, ok = outputs_error(new, ref, valid)
         result.output_error = err
-        if not err <= TOLERANCE.get(ref.dtype, 1e-5) and not _within_rounding(model, kwargs, new, ref, valid):
+        if not ok and not _within_rounding(model, kwargs, new, ref, valid):
             result.problems.append(f"output differs from the original model at r = 0 (r_gain = 0) by {err:.2e}")
     if not result.op_errors:
         result.problems.append("no Parallax attention ran (is the model's attention implementation 'parallax'?)")

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
-from ..checks import (TOLERANCE, float64_outputs, outputs_error, relative_error, tensor_digests, weights_digest,
-                      within_fp32_rounding)
+from ..checks import (TOLERANCE, float64_outputs, main_output, outputs_error, relative_error, tensor_digests,
+                      weights_digest, within_fp32_rounding)
 from ..convert import ConversionInfo
 from ..probes import check_continuity, init_probe_weight, new_gain
 from . import attention
@@ -222,17 +222,8 @@ def original_float64(model, owners, previous_impl: str, args, kwargs):
     """The outputs of the original model (a copy of the upgraded ``model`` with the probes of
     ``owners`` removed and attention ``previous_impl``) in float64, for
     :func:`~parallax_compile.checks.within_fp32_rounding`; ``None`` when it cannot run in float64."""
-    return float64_outputs(model, args, kwargs, outputs=_outputs,
+    return float64_outputs(model, args, kwargs, outputs=main_output,
                            prepare=lambda m: remove_probes(m, owners, previous_impl))
-
-
-def _outputs(out):
-    """The tensors to compare: logits / last hidden state (not the KV cache object)."""
-    if hasattr(out, "logits") and out.logits is not None:
-        return out.logits
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    return out
 
 
 def _check_chain(model, plan: dict[str, ProbePlan], args, kwargs) -> list[str]:
@@ -306,7 +297,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         raise NotUpgradable(f"no attention site of {type(model).__name__} can be upgraded: {reasons}")
     args, kwargs = cap.args, {**cap.kwargs, "use_cache": False} if _takes_use_cache(model) else cap.kwargs
     with torch.no_grad():
-        ref = _outputs(model(*args, **kwargs))
+        ref = main_output(model(*args, **kwargs))
     previous = model.config._attn_implementation
     owners = list(plan)
     add_probes(model, {o: p.query_weight for o, p in plan.items()})
@@ -318,7 +309,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
         attention.CALLS.clear()
         attention.RECORD = True
         try:
-            out = _outputs(model(*args, **kwargs))
+            out = main_output(model(*args, **kwargs))
         finally:
             attention.RECORD = False
         missing = [o for o in owners if attention.CALLS.get(id(model.get_submodule(o)), 0) == 0]
@@ -339,7 +330,7 @@ def upgrade(model, example_inputs, *, dynamic_dims=None, valid_positions=None) -
             bad = [o for o, g in zip(owners, grads) if g is None or not bool(torch.isfinite(g).all())]
             if bad:
                 raise RuntimeError(f"the probe gain gradient of {bad} is missing or not finite at r = 0")
-        continuity = check_continuity(lambda: _outputs(model(*args, **kwargs)), gains, out)
+        continuity = check_continuity(lambda: main_output(model(*args, **kwargs)), gains, out)
         if not continuity["ok"]:
             raise RuntimeError(f"a step of {continuity['eps']:g} on the probe gains does not change the outputs "
                                f"in proportion (linearity error {continuity['linearity_error']:.2f})")
