@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from CHECKPOINT (a step_NNNNNN directory, written under any strategy and world "
                         "size) or, without a value, from the newest one in --ckpt-dir")
     p.add_argument("--export", type=Path, help="write the final checkpoint as a conversion directory here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run (no --resume) over the checkpoints of --ckpt-dir and a non-empty --export")
     p.add_argument("--json", type=Path, help="rank 0 writes the run's figures here")
     p.add_argument("--probe-grads", type=Path, help="rank 0 saves the first step's full probe gradients here")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the tokens/s figure")
@@ -82,6 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps, --batch-size must be >= 1 and --seq-len >= 2")
     if (args.resume is True or args.save_every or args.export) and args.ckpt_dir is None:
         p.error("--resume (without a checkpoint), --save-every and --export need --ckpt-dir")
+    if not args.resume and not args.overwrite:  # a new run must not replace another run's work
+        old = latest_checkpoint(args.ckpt_dir) if args.ckpt_dir and args.ckpt_dir.is_dir() else None
+        if old is not None:
+            p.error(f"--ckpt-dir {args.ckpt_dir} already holds checkpoints (newest {old.name}): pass --resume to "
+                    "continue that run, --overwrite to start over, or another --ckpt-dir")
+        if args.export and args.export.is_dir() and any(args.export.iterdir()):
+            p.error(f"--export {args.export} is not empty: pass --overwrite to replace it, or another directory")
     return args
 
 

@@ -202,3 +202,24 @@ def test_tp_plan_shards_the_probe_like_q_proj():
     loaded.model.config.base_model_tp_plan = {}
     with pytest.raises(ValueError, match="column-wise query projection"):
         pd.tp_plan(loaded.model)
+
+
+def test_new_run_does_not_replace_another_runs_checkpoints(tmp_path, capsys):
+    """A run without ``--resume`` into a ``--ckpt-dir`` that holds checkpoints, or with a non-empty
+    ``--export``, is refused with one line (nothing a user trained is replaced silently);
+    ``--resume`` or ``--overwrite`` proceed."""
+    ex = _example()
+    (tmp_path / "ckpt" / "step_000010").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step_000010" / ".metadata").write_bytes(b"")
+    argv = ["--ckpt-dir", str(tmp_path / "ckpt")]
+    with pytest.raises(SystemExit):
+        ex.parse_args(argv)
+    assert "already holds checkpoints (newest step_000010)" in capsys.readouterr().err
+    assert ex.parse_args([*argv, "--resume"]).resume is True
+    assert ex.parse_args([*argv, "--overwrite"]).overwrite
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--ckpt-dir", str(tmp_path / "new"), "--export", str(tmp_path / "final")])
+    err = capsys.readouterr().err
+    assert "--export" in err and "not empty" in err, err
